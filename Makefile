@@ -1,0 +1,68 @@
+# Multimodal GPT on Phi-2, served by Triton. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+# Where exports and the served repository go (git-ignored). FROM: a checkpoint dir; empty = embedded default.
+FROM ?=
+EXPORT_DIR ?= artifacts/export
+REPO_DIR ?= artifacts/triton_repo
+INT8 ?= 0
+HOST ?= 127.0.0.1
+GRPC_PORT ?= 8001
+HTTP_PORT ?= 8000
+METRICS_PORT ?= 8002
+PRESET ?= tiny
+MAX_STEPS ?=
+
+.PHONY: help install test lint export serve demo pretrain finetune eval clean
+
+help:
+	@echo "make install                  create .venv with everything for a CPU machine"
+	@echo "make test                     run the whole test suite (offline)"
+	@echo "make lint                     ruff"
+	@echo "make export [FROM=dir] [INT8=1]  export vision/LLM/Whisper to ONNX into $(EXPORT_DIR), with parity checks"
+	@echo "make serve                    run tritonserver on the exported repository (127.0.0.1; GRPC_PORT/HTTP_PORT/METRICS_PORT)"
+	@echo "make demo                     export if needed, serve, ask about an image and a spoken question, stop"
+	@echo "make pretrain PRESET=.. CAPTIONS=.. IMAGES=.. OUT=.. [MAX_STEPS=N]   stage 1 (projector)"
+	@echo "make finetune PRESET=.. INSTRUCT=.. IMAGES=.. INIT=.. OUT=.. [MAX_STEPS=N]  stage 2 (LoRA)"
+	@echo "make eval CHECKPOINT=.. [INSTRUCT=..|CAPTIONS=..] IMAGES=.. OUT=..   held-out loss, samples, BLEU-4/CIDEr"
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+export: install
+	$(PY) -m mmgpt.export $(if $(FROM),--checkpoint $(FROM)) --out $(EXPORT_DIR) $(if $(filter 1,$(INT8)),--int8)
+
+serve: install
+	$(PY) -m mmgpt.serving.launch --export-dir $(EXPORT_DIR) --repo-dir $(REPO_DIR) --host $(HOST) \
+		--grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT)
+
+demo: install
+	$(PY) -m mmgpt.serving.demo --export-dir $(EXPORT_DIR) --repo-dir $(REPO_DIR)
+
+pretrain: install
+	$(PY) -m mmgpt.training.pretrain --preset $(PRESET) --captions $(CAPTIONS) --images $(IMAGES) --out $(OUT) $(if $(MAX_STEPS),--max-steps $(MAX_STEPS))
+
+finetune: install
+	$(PY) -m mmgpt.training.finetune --preset $(PRESET) --instruct $(INSTRUCT) --images $(IMAGES) --init $(INIT) --out $(OUT) $(if $(MAX_STEPS),--max-steps $(MAX_STEPS))
+
+eval: install
+	$(PY) -m mmgpt.training.evaluate --checkpoint $(CHECKPOINT) $(if $(INSTRUCT),--instruct $(INSTRUCT)) $(if $(CAPTIONS),--captions $(CAPTIONS)) --images $(IMAGES) --out $(OUT)
+
+clean:
+	rm -rf artifacts build

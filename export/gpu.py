@@ -1,0 +1,68 @@
+"""GPU builds: the vision ONNX -> TensorRT engine (fp16, batch profile) and Phi-2 -> TensorRT-LLM
+engine. They run only where a CUDA GPU and NVIDIA's tools exist; elsewhere they stop with a message."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+from mmgpt import names
+
+
+class GPUUnavailable(RuntimeError):
+    pass
+
+
+def require_gpu(what: str) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise GPUUnavailable(f"{what} needs a CUDA GPU and none is visible on this machine; the ONNX files run on CPU as they are")
+
+
+def build_vision_trt(export_dir: Path, max_batch: int = 8) -> Path:
+    """trtexec-free TensorRT build with an optimization profile over batch 1..max_batch."""
+    require_gpu("the TensorRT vision engine")
+    try:
+        import tensorrt as trt
+    except ImportError as e:
+        raise GPUUnavailable("install the GPU extra (`pip install -e .[gpu]`) for TensorRT") from e
+    vision_dir = export_dir / names.VISION_DIR
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse((vision_dir / names.VISION_ONNX).read_bytes()):
+        raise RuntimeError("TensorRT could not parse the vision ONNX: " + "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)))
+    config = builder.create_builder_config()
+    config.set_flag(trt.BuilderFlag.FP16)
+    shape = network.get_input(0).shape  # (-1, 3, S, S)
+    profile = builder.create_optimization_profile()
+    s = tuple(shape[1:])
+    profile.set_shape(names.PIXEL_VALUES, (1, *s), (max(1, max_batch // 2), *s), (max_batch, *s))
+    config.add_optimization_profile(profile)
+    engine = builder.build_serialized_network(network, config)
+    if engine is None:
+        raise RuntimeError("TensorRT engine build failed (see the log above)")
+    path = vision_dir / names.VISION_TRT
+    path.write_bytes(bytes(engine))
+    return path
+
+
+def build_trtllm(checkpoint_llm_dir: Path, export_dir: Path, max_batch: int = 8, max_input_len: int = 1024,
+                 max_output_len: int = 512, max_prompt_embedding_table_size: int = 8 * 576) -> Path:
+    """HF Phi -> TensorRT-LLM checkpoint (convert_checkpoint.py of TensorRT-LLM's phi example) -> trtllm-build,
+    with a prompt table (our image rows) enabled."""
+    require_gpu("the TensorRT-LLM engine")
+    if shutil.which("trtllm-build") is None:
+        raise GPUUnavailable("trtllm-build not found: run inside NVIDIA's TensorRT-LLM container (see README)")
+    out = export_dir / names.TRTLLM_DIR
+    ckpt = out / "checkpoint"
+    subprocess.run(["python", "-m", "tensorrt_llm.models.phi.convert", "--model_dir", str(checkpoint_llm_dir),
+                    "--output_dir", str(ckpt), "--dtype", "float16"], check=True)
+    subprocess.run(["trtllm-build", "--checkpoint_dir", str(ckpt), "--output_dir", str(out / "engine"),
+                    "--gemm_plugin", "float16", "--max_batch_size", str(max_batch), "--max_input_len", str(max_input_len),
+                    "--max_seq_len", str(max_input_len + max_output_len),
+                    "--max_prompt_embedding_table_size", str(max_prompt_embedding_table_size)], check=True)
+    return out / "engine"

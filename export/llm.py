@@ -1,0 +1,172 @@
+"""Phi-2 -> ONNX decoder with a KV cache, taking inputs_embeds (so image rows can be spliced in by the
+server) and returning logits + present keys/values; the token embedding table is saved beside it.
+
+Why a 4D mask built here: transformers' own mask helpers (vmap, fixed lengths) do not trace into a graph
+that generalises across lengths; an additive causal+padding mask made from tensor ops does, and it
+lets one graph serve prefill (P = 0) and decode (T = 1) for any batch with left padding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from mmgpt import names
+from mmgpt.checkpoint import Components
+from mmgpt.export.common import Parity, check, max_diff, write_export_config
+from mmgpt.generation import SamplingParams, generate_ids
+
+TOLERANCE = 1e-3  # logits, fp32
+GREEDY_STEPS = 40
+
+
+class DecoderForExport(nn.Module):
+    def __init__(self, llm):
+        super().__init__()
+        self.llm = llm
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+        from transformers import DynamicCache
+
+        t = inputs_embeds.shape[1]
+        total = attention_mask.shape[1]  # P + T
+        q_pos = torch.arange(t, device=inputs_embeds.device) + (total - t)  # (T,) absolute query slots
+        k_pos = torch.arange(total, device=inputs_embeds.device)  # (P + T,)
+        blocked = (k_pos[None, :] > q_pos[:, None])[None, None] | (attention_mask[:, None, None, :] == 0)  # (B, 1, T, P+T)
+        mask = blocked.to(inputs_embeds.dtype) * torch.finfo(inputs_embeds.dtype).min
+        cache = DynamicCache()
+        for i in range(len(past) // 2):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.llm(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids,
+                       past_key_values=cache, use_cache=True)
+        presents = []
+        for layer in out.past_key_values.layers:
+            presents += [layer.keys, layer.values]
+        return (out.logits, *presents)
+
+
+def llm_dims(llm) -> tuple[int, int, int]:
+    cfg = llm.config
+    heads = cfg.num_key_value_heads or cfg.num_attention_heads
+    return cfg.num_hidden_layers, heads, cfg.hidden_size // cfg.num_attention_heads
+
+
+def torch_run(wrapper: DecoderForExport, embeds, mask, pos, past):
+    with torch.no_grad():
+        out = wrapper(torch.from_numpy(embeds), torch.from_numpy(mask), torch.from_numpy(pos), *[torch.from_numpy(p) for p in past])
+    return out[0].numpy(), [o.numpy() for o in out[1:]]
+
+
+def export_llm(c: Components, out_dir: Path, source: str, *, int8: bool = False, opset: int = 17) -> list[Parity]:
+    from safetensors.numpy import save_file
+
+    from mmgpt.inference import TorchLLM
+    from mmgpt.runtime import OrtLLMModel
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    llm = c.model.llm.eval()
+    layers, heads, hd = llm_dims(llm)
+    d = llm.config.hidden_size
+    wrapper = DecoderForExport(llm).eval()
+    input_names = [names.INPUTS_EMBEDS, names.ATTENTION_MASK, names.POSITION_IDS]
+    output_names = [names.LOGITS]
+    dynamic = {
+        names.INPUTS_EMBEDS: {0: "batch", 1: "seq"},
+        names.ATTENTION_MASK: {0: "batch", 1: "total_seq"},
+        names.POSITION_IDS: {0: "batch", 1: "seq"},
+        names.LOGITS: {0: "batch", 1: "seq"},
+    }
+    for i in range(layers):
+        for n in (names.past_key(i), names.past_value(i)):
+            input_names.append(n)
+            dynamic[n] = {0: "batch", 2: "past_seq"}
+        for n in (names.present_key(i), names.present_value(i)):
+            output_names.append(n)
+            dynamic[n] = {0: "batch", 2: "total_seq"}
+    b, p, t = 2, 3, 4
+    example = (
+        torch.randn(b, t, d), torch.ones(b, p + t, dtype=torch.long), torch.arange(p, p + t).repeat(b, 1),
+        *[torch.randn(b, heads, p, hd) for _ in range(2 * layers)],
+    )
+    path = out_dir / names.LLM_ONNX
+    with torch.no_grad():
+        torch.onnx.export(wrapper, example, str(path), input_names=input_names, output_names=output_names,
+                          dynamic_axes=dynamic, opset_version=opset, dynamo=False)
+    embed = llm.get_input_embeddings().weight.detach().float().cpu().numpy()
+    save_file({names.EMBED_KEY: embed}, str(out_dir / names.LLM_EMBED))
+    write_export_config(  # dims first, so OrtLLMModel can open the graph; rewritten with parity below
+        out_dir, kind="llm_decoder", precision="fp32", source=source, inputs={}, outputs={}, parity=[],
+        onnx_file=names.LLM_ONNX, num_layers=layers, num_kv_heads=heads, head_dim=hd, hidden_size=d,
+        vocab_size=embed.shape[0],
+    )
+    fp32 = OrtLLMModel(out_dir)
+    results = _logit_checks(wrapper, fp32, layers, heads, hd, d, TOLERANCE)
+    results.append(_greedy_check(c, TorchLLM(c.model), fp32))
+    check(results)  # the fp32 graph must match PyTorch; int8 is judged and reported, not enforced
+    onnx_file, precision = names.LLM_ONNX, "fp32"
+    if int8:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        onnx_file, precision = names.LLM_INT8_ONNX, "int8 (dynamic quantization: int8 weights, per-call activations)"
+        quantize_dynamic(str(path), str(out_dir / onnx_file), weight_type=QuantType.QInt8)
+        q = OrtLLMModel(out_dir, onnx_file=onnx_file)
+        report = _logit_checks(wrapper, q, layers, heads, hd, d, float("inf"))
+        report.append(_greedy_check(c, TorchLLM(c.model), q, strict=False))
+        for r in report:
+            r.name = "int8 " + r.name
+            print(r.line(), flush=True)
+        results += report
+    io = {
+        names.INPUTS_EMBEDS: {"dtype": "FP32", "shape": ["batch", "seq", d]},
+        names.ATTENTION_MASK: {"dtype": "INT64", "shape": ["batch", "past_seq + seq"]},
+        names.POSITION_IDS: {"dtype": "INT64", "shape": ["batch", "seq"]},
+        **{n: {"dtype": "FP32", "shape": ["batch", heads, "past_seq", hd]} for n in input_names[3:]},
+    }
+    outs = {
+        names.LOGITS: {"dtype": "FP32", "shape": ["batch", "seq", embed.shape[0]]},
+        **{n: {"dtype": "FP32", "shape": ["batch", heads, "past_seq + seq", hd]} for n in output_names[1:]},
+    }
+    write_export_config(
+        out_dir, kind="llm_decoder", precision=precision, source=source, inputs=io, outputs=outs, parity=results,
+        onnx_file=onnx_file, fp32_onnx_file=names.LLM_ONNX, num_layers=layers, num_kv_heads=heads, head_dim=hd,
+        hidden_size=d, vocab_size=embed.shape[0], embedding_table=names.LLM_EMBED,
+    )
+    return results
+
+
+def _logit_checks(wrapper, ort_model, layers, heads, hd, d, tolerance) -> list[Parity]:
+    """Logits and presents at shapes other than the export's: a left-padded prefill and a cached step."""
+    rng = np.random.default_rng(0)
+    results = []
+    for b, p, t, left_pad in ((3, 0, 7, 2), (1, 5, 1, 0), (4, 6, 2, 1)):
+        embeds = rng.standard_normal((b, t, d)).astype(np.float32)
+        mask = np.ones((b, p + t), np.int64)
+        mask[0, :left_pad] = 0  # row 0 is left-padded
+        pos = np.clip(mask.cumsum(-1) - 1, 0, None)[:, p:].astype(np.int64)
+        past = [rng.standard_normal((b, heads, p, hd)).astype(np.float32) for _ in range(2 * layers)]
+        ref_logits, ref_present = torch_run(wrapper, embeds, mask, pos, past)
+        got_logits, got_present = ort_model.run(embeds, mask, pos, past)
+        # padded query rows attend to nothing and are never read: compare the real ones
+        real = mask[:, p:].astype(bool)
+        diff = max_diff(ref_logits[real], got_logits[real])
+        diff = max(diff, max(max_diff(a, g) for a, g in zip(ref_present, got_present)))
+        results.append(Parity(f"llm logits b={b} past={p} seq={t}", diff, tolerance))
+    return results
+
+
+def _greedy_check(c: Components, torch_decoder, ort_model, strict: bool = True) -> Parity:
+    """Identical greedy tokens over GREEDY_STEPS steps through the KV cache (eos ignored to run them all)."""
+    from mmgpt.template import prompt_ids
+
+    table = np.random.default_rng(1).standard_normal((c.config.num_image_tokens, c.config.llm_hidden_size)).astype(np.float32)
+    ids = prompt_ids(c.config, c.tokenizer, [], "Describe the picture.", has_image=True)
+    params = SamplingParams(max_tokens=GREEDY_STEPS)
+    kw = dict(eos_id=-1, vocab_limit=len(c.tokenizer), max_context=c.config.max_context)
+    ref = list(generate_ids(torch_decoder, ids, table, params, **kw))
+    got = list(generate_ids(ort_model.decoder(), ids, table, params, **kw))
+    same = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), min(len(ref), len(got)))
+    mismatch = 0.0 if ref == got else float(len(ref) - same)
+    return Parity(f"llm greedy tokens x{len(ref)}", mismatch, 0.0 if strict else float("inf"), f"{same}/{len(ref)} identical")

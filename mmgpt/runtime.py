@@ -1,0 +1,160 @@
+"""ONNX Runtime wrappers over an export directory: used by the export's own checks and by the Triton
+models. They implement the same protocols as the PyTorch reference (`LLMDecoder`, `WhisperDecoder`),
+so the decoding loops in generation.py / speech.py run unchanged on either.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from mmgpt import names
+
+
+def ort_session(path: str | Path, threads: int | None = None, providers: list[str] | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    threads = threads or int(os.environ.get("MMGPT_ORT_THREADS", "0"))
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    return ort.InferenceSession(str(path), opts, providers=providers)
+
+
+def read_export_config(engine_dir: str | Path) -> dict:
+    path = Path(engine_dir) / names.EXPORT_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `make export` first")
+    return json.loads(path.read_text())
+
+
+def splice_numpy(input_ids: np.ndarray, embed_table: np.ndarray, prompt_table: np.ndarray | None, vocab_size: int) -> np.ndarray:
+    """numpy twin of model.splice_embeddings: (B, T) ids -> (B, T, D); ids >= vocab_size index the
+    request's prompt table (B, P, D)."""
+    is_image = input_ids >= vocab_size
+    embeds = embed_table[np.where(is_image, 0, input_ids)]
+    if prompt_table is None:
+        if is_image.any():
+            raise ValueError("prompt has image positions but no image features were given")
+        return embeds
+    rows = np.clip(input_ids - vocab_size, 0, prompt_table.shape[1] - 1)
+    image = np.take_along_axis(prompt_table, rows[..., None], axis=1)
+    return np.where(is_image[..., None], image.astype(embeds.dtype), embeds)
+
+
+class OrtVision:
+    """CLIP + projector: (B, 3, S, S) -> (B, N, D)."""
+
+    def __init__(self, engine_dir: str | Path, threads: int | None = None):
+        engine_dir = Path(engine_dir)
+        self.session = ort_session(engine_dir / names.VISION_ONNX, threads)
+
+    def __call__(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self.session.run([names.IMAGE_EMBEDS], {names.PIXEL_VALUES: pixel_values.astype(np.float32)})[0]
+
+
+class OrtLLMModel:
+    """The exported Phi-2 decoder. `run` is batched (several sequences share one step: in-flight batching);
+    `decoder()` gives a single-sequence `LLMDecoder` for the shared generation loop."""
+
+    def __init__(self, engine_dir: str | Path, threads: int | None = None, onnx_file: str | None = None):
+        from safetensors.numpy import load_file
+
+        engine_dir = Path(engine_dir)
+        self.export_config = read_export_config(engine_dir)
+        self.session = ort_session(engine_dir / (onnx_file or self.export_config["onnx_file"]), threads)
+        self.embed_table = load_file(str(engine_dir / names.LLM_EMBED))[names.EMBED_KEY]  # (V, D)
+        self.vocab_size = self.embed_table.shape[0]
+        self.num_layers = self.export_config["num_layers"]
+        self.num_kv_heads = self.export_config["num_kv_heads"]
+        self.head_dim = self.export_config["head_dim"]
+        self.output_names = [names.LOGITS] + [
+            n for i in range(self.num_layers) for n in (names.present_key(i), names.present_value(i))
+        ]
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        shape = (batch, self.num_kv_heads, 0, self.head_dim)
+        return [np.zeros(shape, np.float32) for _ in range(2 * self.num_layers)]
+
+    def embed(self, input_ids: np.ndarray, prompt_table: np.ndarray | None) -> np.ndarray:
+        return splice_numpy(input_ids, self.embed_table, prompt_table, self.vocab_size)
+
+    def run(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: list[np.ndarray]):
+        """(B, T, D), (B, P+T), (B, T), 2*L x (B, H, P, hd) -> logits (B, T, V), present 2*L x (B, H, P+T, hd)."""
+        feed = {
+            names.INPUTS_EMBEDS: inputs_embeds.astype(np.float32),
+            names.ATTENTION_MASK: attention_mask.astype(np.int64),
+            names.POSITION_IDS: position_ids.astype(np.int64),
+        }
+        for i in range(self.num_layers):
+            feed[names.past_key(i)] = past[2 * i]
+            feed[names.past_value(i)] = past[2 * i + 1]
+        out = self.session.run(self.output_names, feed)
+        return out[0], out[1:]
+
+    def decoder(self) -> OrtLLM:
+        return OrtLLM(self)
+
+
+class OrtLLM:
+    """`LLMDecoder` for one sequence over OrtLLMModel."""
+
+    def __init__(self, model: OrtLLMModel):
+        self.model = model
+        self.past: list[np.ndarray] = []
+        self.length = 0
+
+    def prefill(self, input_ids: np.ndarray, prompt_table: np.ndarray | None) -> np.ndarray:
+        ids = input_ids[None]  # (1, T)
+        table = None if prompt_table is None else prompt_table[None]
+        t = ids.shape[1]
+        logits, self.past = self.model.run(
+            self.model.embed(ids, table), np.ones((1, t), np.int64), np.arange(t, dtype=np.int64)[None], self.model.empty_past(1)
+        )
+        self.length = t
+        return logits[0, -1]
+
+    def step(self, token_id: int) -> np.ndarray:
+        embeds = self.model.embed(np.array([[token_id]], np.int64), None)
+        logits, self.past = self.model.run(
+            embeds, np.ones((1, self.length + 1), np.int64), np.array([[self.length]], np.int64), self.past
+        )
+        self.length += 1
+        return logits[0, -1]
+
+
+class OrtWhisper:
+    """`WhisperDecoder` over optimum's encoder / decoder / decoder-with-past ONNX files."""
+
+    def __init__(self, engine_dir: str | Path, threads: int | None = None):
+        engine_dir = Path(engine_dir)
+        self.encoder = ort_session(engine_dir / names.WHISPER_ENCODER_ONNX, threads)
+        self.decoder = ort_session(engine_dir / names.WHISPER_DECODER_ONNX, threads)
+        self.decoder_past = ort_session(engine_dir / names.WHISPER_DECODER_PAST_ONNX, threads)
+        self.present_names = [o.name for o in self.decoder.get_outputs()][1:]
+        self.past_inputs = [i.name for i in self.decoder_past.get_inputs() if i.name.startswith("past_key_values")]
+        self.encoder_hidden = None
+        self.past: dict[str, np.ndarray] = {}
+
+    def encode(self, input_features: np.ndarray) -> None:
+        self.encoder_hidden = self.encoder.run(None, {"input_features": input_features.astype(np.float32)})[0]
+        self.past = {}
+
+    def step(self, new_ids: list[int]) -> np.ndarray:
+        ids = np.array([new_ids], dtype=np.int64)
+        if not self.past:
+            out = self.decoder.run(None, {"input_ids": ids, "encoder_hidden_states": self.encoder_hidden})
+            self.past = {n.replace("present", "past_key_values"): v for n, v in zip(self.present_names, out[1:])}
+        else:
+            out = self.decoder_past.run(None, {"input_ids": ids, **{n: self.past[n] for n in self.past_inputs}})
+            names_out = [o.name for o in self.decoder_past.get_outputs()][1:]
+            # decoder-with-past returns only the self-attention cache; the cross-attention cache is fixed
+            for n, v in zip(names_out, out[1:]):
+                self.past[n.replace("present", "past_key_values")] = v
+        return out[0][0, -1]

@@ -1,0 +1,40 @@
+"""Shared fixtures. Everything is offline: the tiny preset has random weights of the real classes."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Before anything imports transformers: no hub, and the embedded default is built in a temp home
+# (never the user's ~/.cache/mmgpt). Subprocesses started by tests inherit both.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "MMGPT_TEST_HOME" not in os.environ:
+    os.environ["MMGPT_TEST_HOME"] = tempfile.mkdtemp(prefix="mmgpt-test-home-")
+os.environ["MMGPT_HOME"] = os.environ["MMGPT_TEST_HOME"]
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint() -> Path:
+    """The embedded default (tiny preset), built once per session in the temp MMGPT_HOME."""
+    from mmgpt.presets import default_checkpoint
+
+    return default_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def tiny_components(tiny_checkpoint):
+    from mmgpt.checkpoint import load_checkpoint
+
+    return load_checkpoint(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_checkpoint, tmp_path_factory) -> Path:
+    """`python -m mmgpt.export` of the default checkpoint, once per session (fp32)."""
+    from mmgpt.export.__main__ import main
+
+    return main(str(tiny_checkpoint), str(tmp_path_factory.mktemp("export") / "export"), int8=False)

@@ -1,0 +1,51 @@
+"""Checkpoints rebuild from their saved config; weights are safetensors only."""
+
+import json
+
+import pytest
+import torch
+
+from mmgpt.checkpoint import load_checkpoint, save_checkpoint
+from mmgpt.config import CONFIG_NAME, MMGPTConfig
+from mmgpt.presets import create_tiny
+
+
+def test_round_trip_same_outputs(tiny_components, tmp_path):
+    out = save_checkpoint(tiny_components, tmp_path / "copy")
+    again = load_checkpoint(out)
+    assert again.config == tiny_components.config.replace(
+        vision_source="vision", llm_source="llm", whisper_source="whisper", tokenizer_source="tokenizer"
+    )
+    ids = torch.tensor([[1, 2, 3, again.config.llm_vocab_size]])
+    pixels = torch.randn(1, 3, again.config.image_size, again.config.image_size)
+    with torch.no_grad():
+        a = tiny_components.model(input_ids=ids, pixel_values=pixels).logits
+        b = again.model(input_ids=ids, pixel_values=pixels).logits
+    assert torch.equal(a, b)
+
+
+def test_only_safetensors_weights(tiny_checkpoint):
+    files = [p for p in tiny_checkpoint.rglob("*") if p.is_file()]
+    weights = [p for p in files if p.suffix in {".bin", ".pt", ".pth", ".pkl", ".ckpt"}]
+    assert weights == []
+    assert (tiny_checkpoint / "projector.safetensors").is_file()
+    assert sum(p.suffix == ".safetensors" for p in files) >= 4  # projector, vision, llm, whisper
+
+
+def test_config_is_typed_and_strict(tiny_checkpoint, tmp_path):
+    cfg = MMGPTConfig.load(tiny_checkpoint)
+    assert cfg.vision_feature_layer == -2 and cfg.projector_type in ("linear", "mlp2x_gelu")
+    d = json.loads((tiny_checkpoint / CONFIG_NAME).read_text())
+    d["surprise"] = 1
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="unknown keys"):
+        MMGPTConfig.load(tmp_path)
+    with pytest.raises(FileNotFoundError, match="mmgpt_config.json"):
+        MMGPTConfig.load(tmp_path / "nowhere")
+
+
+def test_linear_projector_preset_round_trip(tmp_path):
+    ckpt = create_tiny(tmp_path / "lin", projector_type="linear")
+    c = load_checkpoint(ckpt, load_whisper=False)
+    assert c.config.projector_type == "linear"
+    assert isinstance(c.model.projector, torch.nn.Linear)

@@ -1,0 +1,124 @@
+"""ONNX exports agree with PyTorch, record what they are, and write only into ignored places."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mmgpt import names
+from mmgpt.export.common import Parity, ParityError, check
+from mmgpt.generation import SamplingParams, generate_ids
+from mmgpt.inference import Assistant
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint):
+    return Assistant.load(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_export):
+    return Assistant.from_export(tiny_export)
+
+
+def test_engine_dirs_record_themselves(tiny_export, tiny_checkpoint):
+    for sub, kind in [(names.VISION_DIR, "vision_encoder"), (names.LLM_DIR, "llm_decoder"), (names.WHISPER_DIR, "whisper")]:
+        rec = json.loads((tiny_export / sub / names.EXPORT_CONFIG).read_text())
+        assert rec["kind"] == kind
+        assert rec["precision"] == "fp32"
+        assert rec["source_checkpoint"] == str(tiny_checkpoint.resolve())
+        assert rec["inputs"] and rec["outputs"] and rec["versions"]["onnxruntime"]
+        assert rec["parity"] and all(p["max_abs_diff"] <= p["tolerance"] for p in rec["parity"])
+    llm = json.loads((tiny_export / names.LLM_DIR / names.EXPORT_CONFIG).read_text())
+    assert names.past_key(0) in llm["inputs"] and names.present_value(llm["num_layers"] - 1) in llm["outputs"]
+    assert (tiny_export / names.LLM_DIR / names.LLM_EMBED).is_file()
+
+
+def test_greedy_tokens_identical_over_40_steps_with_image(reference, exported, tiny_components):
+    cfg = reference.config
+    table = reference.image_embeddings(_png())
+    np.testing.assert_allclose(exported.image_embeddings(_png()), table, atol=1e-4)
+    ids = reference.prompt("What is in the image?", has_image=True)
+    kw = dict(eos_id=-1, vocab_limit=len(reference.tokenizer), max_context=cfg.max_context)  # eos ignored: all 40 steps
+    want = list(generate_ids(reference.new_decoder(), ids, table, SamplingParams(max_tokens=40), **kw))
+    got = list(generate_ids(exported.new_decoder(), ids, table, SamplingParams(max_tokens=40), **kw))
+    assert len(want) == 40 and got == want
+    assert len(set(want)) > 3  # a real sequence, not one token repeated
+
+
+def test_seeded_sampling_matches_reference(reference, exported):
+    p = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, top_k=50, seed=1234)
+    assert exported.ask("Tell me a story.", params=p).text == reference.ask("Tell me a story.", params=p).text
+
+
+def test_whisper_transcript_equals_pytorch(reference, exported):
+    import io
+
+    import soundfile as sf
+
+    from mmgpt.export.whisper import test_audio
+
+    buf = io.BytesIO()
+    sf.write(buf, np.stack([test_audio(2.5, 44100), test_audio(2.5, 44100, seed=1)], 1), 44100, format="WAV")
+    want = reference.transcribe(buf.getvalue())
+    assert want and exported.transcribe(buf.getvalue()) == want
+
+
+def test_int8_switch(tiny_checkpoint, tmp_path):
+    from mmgpt.export.__main__ import main
+    from mmgpt.runtime import OrtLLMModel
+
+    out = main(str(tiny_checkpoint), str(tmp_path / "q"), int8=True, only=("llm",))
+    rec = json.loads((out / names.LLM_DIR / names.EXPORT_CONFIG).read_text())
+    assert rec["onnx_file"] == names.LLM_INT8_ONNX and rec["precision"].startswith("int8")
+    assert any(p["check"].startswith("int8 ") for p in rec["parity"])
+    fp32 = (out / names.LLM_DIR / names.LLM_ONNX).stat().st_size
+    assert (out / names.LLM_DIR / names.LLM_INT8_ONNX).stat().st_size < fp32
+    logits = OrtLLMModel(out / names.LLM_DIR).decoder().prefill(np.array([1, 2, 3]), None)
+    assert np.isfinite(logits).all()
+
+
+def test_parity_failure_is_loud():
+    with pytest.raises(ParityError, match="llm logits 2.000e-01 > 1e-03"):
+        check([Parity("vision", 1e-7, 1e-4), Parity("llm logits", 0.2, 1e-3)])
+    assert not Parity("nan", float("nan"), 1.0).ok
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="needs the git checkout")
+def test_export_command_leaves_tree_clean(tiny_checkpoint):
+    before = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
+    run = subprocess.run([sys.executable, "-m", "mmgpt.export"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "[parity] llm greedy tokens x40" in run.stdout and "FAIL" not in run.stdout
+    after = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert after == before
+    assert (ROOT / "artifacts" / "export" / names.LLM_DIR / names.LLM_ONNX).is_file()
+
+
+def test_gpu_build_says_no_gpu(tiny_export):
+    import torch
+
+    from mmgpt.export.gpu import GPUUnavailable, build_vision_trt
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(GPUUnavailable, match="needs a CUDA GPU"):
+        build_vision_trt(tiny_export)
+
+
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    img = Image.new("RGB", (64, 48), (200, 30, 30))
+    img.paste((20, 20, 220), (10, 10, 40, 30))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
