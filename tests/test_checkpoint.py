@@ -49,3 +49,10 @@ def test_linear_projector_preset_round_trip(tmp_path):
     c = load_checkpoint(ckpt, load_whisper=False)
     assert c.config.projector_type == "linear"
     assert isinstance(c.model.projector, torch.nn.Linear)
+
+
+def test_saving_without_loaded_whisper_keeps_it(tiny_checkpoint, tmp_path):
+    c = load_checkpoint(tiny_checkpoint, load_whisper=False)
+    out = save_checkpoint(c, tmp_path / "nowhisper")
+    again = load_checkpoint(out)
+    assert again.whisper is not None and again.config.whisper_source == "whisper"

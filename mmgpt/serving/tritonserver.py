@@ -1,0 +1,717 @@
+"""Launching NVIDIA Triton Inference Server from the pip-installed ``nvidia-pytriton`` wheel.
+
+The wheel ships a real ``tritonserver`` binary, the Python backend and one backend stub per Python
+version, but not as a directory layout the server can use directly: the stub lives apart from the
+backend, and the binary needs the wheel's bundled shared libraries on ``LD_LIBRARY_PATH``. This module
+finds those pieces, assembles a backend directory, and runs the server as a child process bound to
+loopback, with every model loaded at startup and nothing loadable afterwards.
+
+Typical use::
+
+    with TritonServer(repo) as server:     # picks free ports, waits until ready
+        client = tritonclient.grpc.InferenceServerClient(server.grpc_url)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any, TextIO
+
+__all__ = [
+    "ServerStartError",
+    "TritonDist",
+    "TritonNotFoundError",
+    "TritonServer",
+    "default_backend_dir",
+    "execution_env_path",
+    "fill_template",
+    "find_triton_dist",
+    "free_port",
+    "prepare_backend_dir",
+]
+
+INSTALL_HINT = (
+    "install it into this environment with `pip install nvidia-pytriton==0.7.0` (it ships tritonserver "
+    "2.51 with the Python backend), or set MMGPT_TRITON_HOME to a Triton install directory such as "
+    "/opt/tritonserver in NVIDIA's tritonserver container"
+)
+
+# Files of the Python backend that go into <backend dir>/python/ next to the stub.
+_PYTHON_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
+_STUB_NAME = "triton_python_backend_stub"
+
+
+class TritonNotFoundError(RuntimeError):
+    """A part of the Triton server installation is missing."""
+
+
+class ServerStartError(RuntimeError):
+    """The server process died or did not become ready; the message ends with the server log's tail."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Locating the installation
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TritonDist:
+    """Where the pieces of one Triton installation are."""
+
+    server_bin: Path  # the tritonserver executable
+    python_backend_dir: Path  # holds libtriton_python.so and triton_python_backend_utils.py
+    stub: Path  # triton_python_backend_stub built for this Python version
+    libs_dir: Path | None  # shared libraries the binaries need (None: the system provides them)
+    caches_dir: Path | None  # response-cache implementations (optional)
+
+
+def _python_version() -> str:
+    return f"{sys.version_info[0]}.{sys.version_info[1]}"
+
+
+def _pytriton_root() -> Path | None:
+    # find_spec does not import pytriton (which would pull in its whole client stack).
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def find_triton_dist(
+    pytriton_root: Path | None = None,
+    *,
+    python_version: str | None = None,
+    triton_home: Path | None = None,
+) -> TritonDist:
+    """Find tritonserver, the Python backend, its stub for ``python_version`` and the shared libs.
+
+    Looks in ``triton_home`` (or ``$MMGPT_TRITON_HOME``) when given, a classic install tree with
+    ``bin/tritonserver`` and ``backends/python/``; otherwise in the installed ``pytriton`` package
+    (``pytriton_root`` overrides where that is, for tests). Raises TritonNotFoundError naming each
+    missing piece and what to install.
+    """
+    version = python_version or _python_version()
+    home = triton_home or (
+        Path(os.environ["MMGPT_TRITON_HOME"]) if os.environ.get("MMGPT_TRITON_HOME") else None
+    )
+    if home is not None:
+        home = home.resolve()
+        dist = TritonDist(
+            server_bin=home / "bin" / "tritonserver",
+            python_backend_dir=home / "backends" / "python",
+            stub=home / "backends" / "python" / _STUB_NAME,
+            libs_dir=(home / "lib") if (home / "lib").is_dir() else None,
+            caches_dir=(home / "caches") if (home / "caches").is_dir() else None,
+        )
+        where = f"Triton install {home} (MMGPT_TRITON_HOME)"
+    else:
+        root = pytriton_root or _pytriton_root()
+        if root is None:
+            raise TritonNotFoundError(
+                f"the `pytriton` package is not installed in {sys.prefix}: {INSTALL_HINT}"
+            )
+        root = root.resolve()
+        dist_dir = root / "tritonserver"
+        # Wheel installs put the bundled libraries next to the package; an editable checkout keeps them
+        # inside it (the same rule pytriton itself follows).
+        libs = root.parent / "nvidia_pytriton.libs"
+        if not libs.is_dir() and (dist_dir / "external_libs").is_dir():
+            libs = dist_dir / "external_libs"
+        dist = TritonDist(
+            server_bin=dist_dir / "bin" / "tritonserver",
+            python_backend_dir=dist_dir / "backends" / "python",
+            stub=dist_dir / "python_backend_stubs" / version / _STUB_NAME,
+            libs_dir=libs,
+            caches_dir=(dist_dir / "caches") if (dist_dir / "caches").is_dir() else None,
+        )
+        where = f"pytriton package at {root}"
+
+    missing: list[str] = []
+    if not dist.server_bin.is_file():
+        missing.append(f"tritonserver binary ({dist.server_bin})")
+    for name in _PYTHON_BACKEND_FILES:
+        if not (dist.python_backend_dir / name).is_file():
+            missing.append(f"Python backend file {name} ({dist.python_backend_dir / name})")
+    if not dist.stub.is_file():
+        missing.append(f"Python backend stub for Python {version} ({dist.stub})")
+    if dist.libs_dir is not None and not dist.libs_dir.is_dir():
+        missing.append(f"shared libraries directory nvidia_pytriton.libs ({dist.libs_dir})")
+    if missing:
+        raise TritonNotFoundError(
+            f"{where} is incomplete; missing: " + "; ".join(missing) + f". To fix: {INSTALL_HINT}"
+        )
+    return dist
+
+
+# --------------------------------------------------------------------------------------------------
+# Backend directory
+# --------------------------------------------------------------------------------------------------
+
+
+def _fingerprint(paths: Sequence[Path]) -> str:
+    # Path, size and mtime identify the installed files well enough to tell a stale copy from a good one
+    # without hashing megabytes on every start.
+    items = []
+    for p in paths:
+        st = p.stat()
+        items.append([str(p), st.st_size, st.st_mtime_ns])
+    return json.dumps(items)
+
+
+def default_backend_dir(dist: TritonDist | None = None) -> Path:
+    """A per-user cache location for the assembled backend directory, keyed by installation and Python."""
+    dist = dist or find_triton_dist()
+    key = hashlib.sha256(f"{dist.python_backend_dir}|{dist.stub}".encode()).hexdigest()[:12]
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        if not os.access(base, os.W_OK):
+            raise PermissionError(base)
+    except OSError:
+        base = Path(tempfile.gettempdir())
+    return base / "mmgpt" / "triton-backends" / f"py{_python_version()}-{key}"
+
+
+def prepare_backend_dir(dest: Path | str | None = None, dist: TritonDist | None = None) -> Path:
+    """Assemble ``dest/python/`` = the Python backend files + the stub for this Python; return ``dest``.
+
+    Reuses an existing assembly made from the same installed files, so calling it on every start is
+    cheap. Safe against concurrent callers: each builds in a private temporary directory and renames
+    it into place; the loser of the race keeps the winner's copy.
+    """
+    dist = dist or find_triton_dist()
+    dest = Path(dest) if dest is not None else default_backend_dir(dist)
+    dest = dest.resolve()
+    target = dest / "python"
+    sources = [dist.python_backend_dir / n for n in _PYTHON_BACKEND_FILES] + [dist.stub]
+    stamp = _fingerprint(sources)
+    marker = target / ".mmgpt-source"
+
+    def is_current() -> bool:
+        return (
+            marker.is_file()
+            and marker.read_text() == stamp
+            and all((target / p.name).is_file() for p in sources)
+        )
+
+    if is_current():
+        return dest
+    dest.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".python-", dir=dest))
+    try:
+        for src in sources:
+            shutil.copy2(src, tmp / src.name)
+        (tmp / _STUB_NAME).chmod(0o755)
+        (tmp / ".mmgpt-source").write_text(stamp)
+        if target.exists() and not is_current():
+            # A stale assembly (the wheel was upgraded): move it aside, then replace it.
+            stale = Path(tempfile.mkdtemp(prefix=".stale-", dir=dest))
+            with contextlib.suppress(OSError):
+                target.rename(stale / "python")
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not is_current():  # somebody else's rename won but their copy is not what we need
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+# --------------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free on ``host`` a moment ago (another process may still take it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def execution_env_path() -> Path:
+    """The virtual environment to pass as the Python backend's ``EXECUTION_ENV_PATH`` parameter.
+
+    The backend stub runs its own embedded interpreter in isolated mode and does not see this venv;
+    with EXECUTION_ENV_PATH set to a venv directory the backend sources its ``bin/activate`` first.
+    """
+    prefix = Path(sys.prefix)
+    if sys.prefix == sys.base_prefix or not (prefix / "bin" / "activate").is_file():
+        raise RuntimeError(
+            f"{prefix} is not a virtual environment with bin/activate; the Python backend needs one as "
+            "EXECUTION_ENV_PATH (run from the project's .venv, e.g. `make install`)"
+        )
+    return prefix
+
+
+_PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# Characters that would end or corrupt a double-quoted pbtxt string or split a line.
+_UNSAFE_VALUE = re.compile(r'["\\\n\r]')
+
+
+def fill_template(text: str, values: Mapping[str, Any]) -> str:
+    """Substitute ``${name}`` placeholders in a config.pbtxt template.
+
+    Fails loudly, like Triton's own fill_template.py, on a placeholder without a value, on a value
+    whose key does not occur in the template (a typo would otherwise silently keep a default), on a
+    malformed ``${...}``, and on a value that would break a quoted pbtxt string. Booleans become
+    ``true``/``false``.
+    """
+    used = set(_PLACEHOLDER.findall(text))
+    missing = sorted(used - set(values))
+    if missing:
+        raise ValueError(f"template placeholder(s) with no value: {', '.join(missing)}")
+    unknown = sorted(set(values) - used)
+    if unknown:
+        raise ValueError(f"value(s) given for key(s) not in the template: {', '.join(unknown)}")
+    leftover = _PLACEHOLDER.sub("", text)
+    if "${" in leftover:
+        bad = leftover[leftover.index("${") :].split("\n", 1)[0][:40]
+        raise ValueError(f"malformed placeholder in template: {bad!r}")
+
+    def render(key: str) -> str:
+        value = values[key]
+        s = ("true" if value else "false") if isinstance(value, bool) else str(value)
+        if _UNSAFE_VALUE.search(s):
+            raise ValueError(f"value for {key!r} contains a quote, backslash or newline: {s!r}")
+        return s
+
+    return _PLACEHOLDER.sub(lambda m: render(m.group(1)), text)
+
+
+def _tail(path: Path | None, max_lines: int = 60) -> str:
+    if path is None or not path.exists():
+        return "(no server log)"
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - 64 * 1024))
+        lines = f.read().decode("utf-8", errors="replace").splitlines()
+    return "\n".join(lines[-max_lines:])
+
+
+def _missing_libs(binary: Path, env: Mapping[str, str]) -> list[str]:
+    """Shared libraries ``binary`` needs that the loader cannot find (empty if ldd is unavailable)."""
+    ldd = shutil.which("ldd")
+    if ldd is None:
+        return []
+    try:
+        out = subprocess.run(
+            [ldd, str(binary)], env=dict(env), capture_output=True, text=True, timeout=10
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.split("=>")[0].strip() for line in out.splitlines() if "not found" in line]
+
+
+def _make_pdeathsig_preexec() -> Callable[[], None] | None:
+    """A preexec_fn that makes the child receive SIGTERM when the launching thread dies.
+
+    Without it, a test run or `make serve` killed with SIGKILL leaves tritonserver running and holding
+    its ports. Linux-only; the libc lookup happens here, in the parent, so the child only makes a call.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+# --------------------------------------------------------------------------------------------------
+# The server
+# --------------------------------------------------------------------------------------------------
+
+
+class TritonServer:
+    """One tritonserver process on a model repository; a context manager that always stops it.
+
+    Ports left as None are picked free at construction, so ``command()`` and the URLs are known before
+    ``start()``. ``grpc_url`` and ``http_url`` are ``host:port`` strings as tritonclient.grpc and
+    tritonclient.http take them; ``health_url`` and ``metrics_url`` are full http:// URLs.
+    """
+
+    def __init__(
+        self,
+        model_repository: Path | str,
+        *,
+        host: str = "127.0.0.1",
+        grpc_port: int | None = None,
+        http_port: int | None = None,
+        metrics_port: int | None = None,
+        log_file: Path | str | None = None,
+        log_verbose: int = 0,
+        extra_args: Sequence[str] = (),
+        backend_dir: Path | str | None = None,
+        dist: TritonDist | None = None,
+        env: Mapping[str, str] | None = None,
+        exit_timeout_s: int = 10,
+        die_with_parent: bool = True,
+    ) -> None:
+        self.model_repository = Path(model_repository).resolve()
+        if not self.model_repository.is_dir():
+            raise FileNotFoundError(f"model repository {self.model_repository} does not exist")
+        self.host = host
+        ports = [p for p in (grpc_port, http_port, metrics_port) if p is not None]
+        picked: list[int] = []
+        while len(picked) < 3 - len(ports):
+            # Distinct from each other and from the fixed ones; free_port alone could repeat itself.
+            p = free_port("127.0.0.1")
+            if p not in picked and p not in ports:
+                picked.append(p)
+        it = iter(picked)
+        self.grpc_port = grpc_port if grpc_port is not None else next(it)
+        self.http_port = http_port if http_port is not None else next(it)
+        self.metrics_port = metrics_port if metrics_port is not None else next(it)
+        if log_file is None:
+            fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
+            os.close(fd)
+            log_file = name
+        self.log_file = Path(log_file).resolve()
+        self.log_verbose = log_verbose
+        self.extra_args = list(extra_args)
+        self.dist = dist or find_triton_dist()
+        self._backend_dir_arg = Path(backend_dir) if backend_dir is not None else None
+        self._env_overrides = dict(env or {})
+        self.exit_timeout_s = exit_timeout_s
+        self.die_with_parent = die_with_parent
+        # Python-backend shared-memory regions in /dev/shm are named <prefix><uuid>. A server that is
+        # killed leaves them behind; a prefix of our own lets stop() remove exactly those.
+        self.shm_prefix = f"mmgpt_{os.getpid()}_{secrets.token_hex(4)}_"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log_handle: Any = None
+        self._backend_dir: Path | None = None
+
+    # -- addresses -------------------------------------------------------------------------------
+
+    @property
+    def client_host(self) -> str:
+        """The address clients use: loopback when the server listens on all interfaces."""
+        return "127.0.0.1" if self.host in ("0.0.0.0", "", "localhost") else self.host
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.client_host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.client_host}:{self.http_port}"
+
+    @property
+    def health_url(self) -> str:
+        return f"http://{self.client_host}:{self.http_port}/v2/health/ready"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.client_host}:{self.metrics_port}/metrics"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        return self._proc
+
+    # -- command line ----------------------------------------------------------------------------
+
+    @property
+    def backend_dir(self) -> Path:
+        if self._backend_dir is None:
+            self._backend_dir = prepare_backend_dir(self._backend_dir_arg, self.dist)
+        return self._backend_dir
+
+    def command(self) -> list[str]:
+        """The full command line (assembles the backend directory if needed)."""
+        cmd = [
+            str(self.dist.server_bin),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={self.backend_dir}",
+            # Every model in the repository loads at startup; the repository API cannot load or
+            # unload anything afterwards (a client must not be able to change what is served).
+            "--model-control-mode=none",
+            "--strict-readiness=true",
+            "--exit-on-error=true",
+            f"--exit-timeout-secs={self.exit_timeout_s}",
+            f"--http-address={self.host}",
+            f"--http-port={self.http_port}",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={self.metrics_port}",
+            f"--log-verbose={self.log_verbose}",
+            "--log-info=true",
+            "--log-warning=true",
+            "--log-error=true",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+        ]
+        if self.dist.caches_dir is not None:
+            cmd.append(f"--cache-directory={self.dist.caches_dir}")
+        return cmd + self.extra_args
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self._env_overrides)
+        if self.dist.libs_dir is not None:
+            old = env.get("LD_LIBRARY_PATH")
+            env["LD_LIBRARY_PATH"] = str(self.dist.libs_dir) + (f":{old}" if old else "")
+        return env
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> TritonServer:
+        """Launch the server in its own process group (session); does not wait for readiness."""
+        if self.is_running():
+            raise RuntimeError("server already running")
+        cmd = self.command()
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        # Truncated: the tail shown on failure and the echoed log must be this run's, not an earlier one's.
+        self._log_handle = open(self.log_file, "wb")
+        # The death signal is tied to the launching *thread*; only the main thread lives as long as the
+        # process, so from any other thread it would kill the server early.
+        preexec = (
+            _make_pdeathsig_preexec()
+            if self.die_with_parent and threading.current_thread() is threading.main_thread()
+            else None
+        )
+        try:
+            self._proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                # The server's and the stubs' output go to one file: a pipe nobody reads would stall
+                # the server once full, and stub crashes print only to stderr.
+                stdout=self._log_handle,
+                stderr=subprocess.STDOUT,
+                env=self.environment(),
+                start_new_session=True,  # its own process group: signals reach the stubs too
+                preexec_fn=preexec,
+            )
+        except BaseException:
+            self._close_log()
+            raise
+        return self
+
+    def _probe_ready(self, timeout: float = 2.0) -> bool:
+        # An explicit empty ProxyHandler: an http_proxy in the environment must not intercept loopback.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(self.health_url, timeout=timeout) as resp:
+                return int(resp.status) == 200
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+
+    def is_ready(self) -> bool:
+        return self.is_running() and self._probe_ready()
+
+    def wait_ready(self, timeout: float = 120.0, poll_s: float = 0.2) -> TritonServer:
+        """Poll /v2/health/ready until 200; raise ServerStartError with the log's tail on death or timeout."""
+        if self._proc is None:
+            raise RuntimeError("server not started")
+        deadline = time.monotonic() + timeout
+        while True:
+            code = self._proc.poll()
+            if code is not None:
+                raise ServerStartError(
+                    self._failure_report(f"tritonserver exited with code {code} before it was ready")
+                )
+            if self._probe_ready(timeout=min(2.0, max(0.1, deadline - time.monotonic()))):
+                return self
+            if time.monotonic() >= deadline:
+                raise ServerStartError(
+                    self._failure_report(f"tritonserver was not ready within {timeout:.0f} s")
+                )
+            time.sleep(poll_s)
+
+    def _failure_report(self, headline: str) -> str:
+        parts = [headline, f"command: {' '.join(self.command())}"]
+        env = self.environment()
+        stub = self.backend_dir / "python" / _STUB_NAME
+        for binary in (self.dist.server_bin, stub):
+            libs = _missing_libs(binary, env)
+            if libs:
+                parts.append(f"{binary.name} cannot find shared libraries: {', '.join(libs)}")
+        if any(lib.startswith("libpython") for lib in _missing_libs(stub, env)):
+            parts.append(
+                f"the Python backend stub links against the system libpython{_python_version()}; "
+                f"install it (e.g. apt-get install libpython{_python_version()})"
+            )
+        parts.append(f"--- last lines of {self.log_file} ---\n{_tail(self.log_file)}")
+        return "\n".join(parts)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM the process group, SIGKILL it after ``timeout`` s; always reap. Returns the exit code."""
+        proc = self._proc
+        if proc is None:
+            return None
+        try:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+            # Stubs of a server that crashed or was killed outlive it for up to a second; the group
+            # id cannot be reused while any of them is alive, so this reaches only ours.
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            else:
+                # They were orphaned, so init reaps them; until it does they still count as members.
+                deadline = time.monotonic() + 5.0
+                while time.monotonic() < deadline:
+                    try:
+                        os.killpg(proc.pid, 0)
+                    except (ProcessLookupError, PermissionError):
+                        break
+                    time.sleep(0.05)
+        finally:
+            self._close_log()
+            self._remove_shm()
+        return proc.returncode
+
+    def _close_log(self) -> None:
+        if self._log_handle is not None:
+            self._log_handle.close()
+            self._log_handle = None
+
+    def _remove_shm(self) -> None:
+        # A killed server leaves its Python-backend regions behind in /dev/shm; they carry our prefix.
+        shm = Path("/dev/shm")
+        if shm.is_dir():
+            for p in shm.glob(f"{self.shm_prefix}*"):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+
+    def __enter__(self) -> TritonServer:
+        try:
+            self.start()
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # -- foreground ------------------------------------------------------------------------------
+
+    def run_foreground(
+        self, ready_timeout: float = 300.0, echo_log: bool = True, out: TextIO | None = None
+    ) -> int:
+        """Serve until SIGINT/SIGTERM or until the server dies (for `make serve`); returns an exit code.
+
+        A signal stops the server cleanly and returns 0 (or the server's code if its shutdown failed);
+        a server that dies on its own returns its exit code; a failed start returns 1. Must run in the
+        main thread (signal handlers).
+        """
+        out = out or sys.stdout
+        stop_requested = threading.Event()
+
+        class _Stop(BaseException):
+            pass
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            if not stop_requested.is_set():
+                stop_requested.set()
+                raise _Stop  # interrupts wait_ready / the idle wait in the main thread
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        follower_done = threading.Event()
+        follower: threading.Thread | None = None
+        code = 0
+        try:
+            try:
+                self.start()
+                if echo_log:
+                    follower = threading.Thread(
+                        target=self._follow_log, args=(out, follower_done), daemon=True
+                    )
+                    follower.start()
+                self.wait_ready(ready_timeout)
+                print(
+                    f"tritonserver ready (pid {self.pid})\n  gRPC    {self.grpc_url}\n  HTTP    http://{self.http_url}\n"
+                    f"  metrics {self.metrics_url}\n  log     {self.log_file}\nCtrl-C to stop.",
+                    file=out,
+                    flush=True,
+                )
+                assert self._proc is not None
+                while self._proc.poll() is None:
+                    stop_requested.wait(0.5)
+                code = self._proc.returncode or 0
+                print(f"tritonserver exited by itself with code {code}", file=out, flush=True)
+                code = code or 1  # a server that stops without being asked is a failure
+            except _Stop:
+                pass
+            except ServerStartError as e:
+                print(str(e), file=sys.stderr, flush=True)
+                code = 1
+            # Ignore further signals while shutting down: a second Ctrl-C must not skip the reaping.
+            for s in previous:
+                signal.signal(s, signal.SIG_IGN)
+            if stop_requested.is_set():
+                print("stopping tritonserver ...", file=out, flush=True)
+                rc = self.stop()
+                code = 0 if rc in (0, None) else rc
+        finally:
+            self.stop()
+            follower_done.set()
+            if follower is not None:
+                follower.join(timeout=2)
+            for s, h in previous.items():
+                signal.signal(s, h)
+        return code
+
+    def _follow_log(self, out: TextIO, done: threading.Event) -> None:
+        with open(self.log_file, encoding="utf-8", errors="replace") as f:
+            while True:
+                line = f.readline()
+                if line:
+                    out.write(line)
+                    out.flush()
+                elif done.is_set():
+                    return
+                else:
+                    time.sleep(0.1)
