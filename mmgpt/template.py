@@ -145,8 +145,15 @@ def join_question(text: str, transcript: str) -> str:
 
 
 def prompt_ids(config, tokenizer, history: Sequence[Message], question: str, *, has_image: bool) -> list[int]:
-    """The generation prompt for one request: earlier turns, then the question (with the image if any)."""
-    messages = [*history, Message("user", question, image=has_image)]
+    """The generation prompt for one request: earlier turns, then the question.
+
+    The image goes at the start of the conversation's first user turn, wherever the client attached
+    it: that is where training (like LLaVA) puts it, so a follow-up question that re-sends the image
+    sees the layout the model learned.
+    """
+    messages = [*history, Message("user", question)]
+    if has_image:
+        messages[0] = Message("user", messages[0].content, image=True)
     return encode_conversation(
         tokenizer,
         messages,

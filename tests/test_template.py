@@ -64,8 +64,9 @@ def test_generation_prompt_ends_at_assistant(tok, cfg):
     assert ids[-len(enc(tok, "\nAssistant:")):] == enc(tok, "\nAssistant:")
     image_positions = [i for i, t in enumerate(ids) if t >= cfg.llm_vocab_size]
     assert len(image_positions) == cfg.num_image_tokens
-    # the image sits in the current (last) user turn, after the history
-    assert image_positions[0] > ids.index(tok.eos_token_id)
+    # the image sits at the start of the first user turn, as in training
+    first_turn = len(enc(tok, cfg.system_prompt + "\n\n")) + len(enc(tok, "User: "))
+    assert image_positions[0] == first_turn < ids.index(tok.eos_token_id)
     assert [ids[i] - cfg.llm_vocab_size for i in image_positions] == list(range(cfg.num_image_tokens))
 
 
