@@ -144,6 +144,18 @@ def join_question(text: str, transcript: str) -> str:
     return "\n".join(parts)
 
 
+def encode_for(config, tokenizer, messages: Sequence[Message], *, add_generation_prompt: bool) -> Encoded:
+    """`encode_conversation` with the system prompt and image geometry of a model's MMGPTConfig."""
+    return encode_conversation(
+        tokenizer,
+        messages,
+        system_prompt=config.system_prompt,
+        num_image_tokens=config.num_image_tokens,
+        vocab_size=config.llm_vocab_size,
+        add_generation_prompt=add_generation_prompt,
+    )
+
+
 def prompt_ids(config, tokenizer, history: Sequence[Message], question: str, *, has_image: bool) -> list[int]:
     """The generation prompt for one request: earlier turns, then the question.
 
@@ -154,11 +166,4 @@ def prompt_ids(config, tokenizer, history: Sequence[Message], question: str, *, 
     messages = [*history, Message("user", question)]
     if has_image:
         messages[0] = Message("user", messages[0].content, image=True)
-    return encode_conversation(
-        tokenizer,
-        messages,
-        system_prompt=config.system_prompt,
-        num_image_tokens=config.num_image_tokens,
-        vocab_size=config.llm_vocab_size,
-        add_generation_prompt=True,
-    ).input_ids
+    return encode_for(config, tokenizer, messages, add_generation_prompt=True).input_ids

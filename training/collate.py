@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from mmgpt.config import MMGPTConfig
-from mmgpt.template import IGNORE_INDEX, Encoded, Message, encode_conversation
+from mmgpt.template import IGNORE_INDEX, Encoded, Message, encode_for
 
 from .data import CaptionSample, InstructSample
 
@@ -64,14 +64,7 @@ def instruct_messages(sample: InstructSample) -> list[Message]:
 
 
 def encode(tokenizer, config: MMGPTConfig, messages: Sequence[Message]) -> Encoded:
-    return encode_conversation(
-        tokenizer,
-        messages,
-        system_prompt=config.system_prompt,
-        num_image_tokens=config.num_image_tokens,
-        vocab_size=config.llm_vocab_size,
-        add_generation_prompt=False,
-    )
+    return encode_for(config, tokenizer, messages, add_generation_prompt=False)
 
 
 def image_key(image_id: int | None, path: Path | None) -> int | None:
