@@ -1,0 +1,59 @@
+"""`make serve`: assemble the served repository from the export and run tritonserver in the foreground.
+
+    python -m mmgpt.serving.launch --export-dir artifacts/export --repo-dir artifacts/triton_repo \\
+        --host 127.0.0.1 --grpc-port 8001 --http-port 8000 --metrics-port 8002
+
+Stops cleanly on SIGTERM / Ctrl-C. Models load (and warm up) at startup; the model-control API is off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mmgpt.serving.repository import ExportMissingError, ServeSettings, assemble_repository
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mmgpt.serving.launch", description=__doc__.split("\n\n")[0])
+    p.add_argument("--export-dir", default="artifacts/export", help="what `make export` wrote (default artifacts/export)")
+    p.add_argument("--repo-dir", default="artifacts/triton_repo", help="where the served repository is written (replaced)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 = every interface)")
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--log-file", help="server log (default: tritonserver.log beside the repository)")
+    p.add_argument("--log-verbose", type=int, default=0, help="Triton's --log-verbose level")
+    defaults = ServeSettings()
+    p.add_argument("--max-inflight", type=int, default=defaults.llm_max_batch_size,
+                   help=f"sequences the LLM decodes together (default {defaults.llm_max_batch_size})")
+    p.add_argument("--entry-instances", type=int, default=defaults.entry_instances,
+                   help=f"requests the entry point answers at once (default {defaults.entry_instances})")
+    p.add_argument("--ort-threads", type=int, default=defaults.ort_threads,
+                   help="ONNX Runtime intra-op threads per session (default 0 = all cores)")
+    a = p.parse_args(argv)
+
+    from mmgpt.serving.tritonserver import TritonNotFoundError, TritonServer
+
+    try:
+        repo = assemble_repository(a.export_dir, a.repo_dir, llm_max_batch_size=a.max_inflight,
+                                   entry_instances=a.entry_instances, ort_threads=a.ort_threads)
+    except (ExportMissingError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    log_file = Path(a.log_file) if a.log_file else repo.parent / "tritonserver.log"
+    print(f"serving {repo} (models: {', '.join(sorted(d.name for d in repo.iterdir() if d.is_dir()))})", flush=True)
+    try:
+        server = TritonServer(
+            repo, host=a.host, grpc_port=a.grpc_port, http_port=a.http_port, metrics_port=a.metrics_port,
+            log_file=log_file, log_verbose=a.log_verbose,
+        )
+    except TritonNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return server.run_foreground()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,539 @@
+"""The `llm` model's logic: TensorRT-LLM-style requests in, tokens out, with in-flight batching.
+
+`InflightBatcher` keeps every running sequence in one batch. Each iteration it
+  1. drops rows whose client cancelled or asked to stop,
+  2. prefills the sequences that arrived since the last iteration (one batched, left-padded ORT call),
+  3. runs ONE batched decode step for all running rows.
+Rows have different lengths: the shared KV cache is left-padded, the attention mask zeroes the padding
+and every row gets its own position ids, so a row computes what it would compute alone. Each row has
+its own `Sampler` (and RNG); choosing tokens, the token budget and stopping follow
+`mmgpt.generation.generate_ids` exactly, which is what makes served greedy answers equal `mmgpt ask`.
+
+Nothing here imports Triton: `model_repository/llm/1/model.py` parses tensors with `parse_request`,
+hands each request to the batcher with a `TokenSink` that sends responses, and that is all.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from mmgpt.generation import MAX_SEED, Sampler, SamplingParams, check_prompt
+from mmgpt.preprocess import InputError
+from mmgpt.serving import contract as c
+
+log = logging.getLogger(__name__)
+
+INT32_MAX = 2**31 - 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Requests
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    input_ids: np.ndarray  # (T,) int64; ids >= vocab_size address prompt_table rows
+    prompt_table: np.ndarray | None  # (N, D) float32
+    params: SamplingParams  # max_tokens = request_output_len
+    end_id: int
+    streaming: bool
+
+
+@dataclass(frozen=True)
+class StopRequest:
+    request_id: str
+
+
+def _scalar(inputs: Mapping[str, np.ndarray | None], name: str, cast: Callable, default):
+    value = c.first(inputs.get(name))
+    return default if value is None else cast(value)
+
+
+def parse_request(
+    inputs: Mapping[str, np.ndarray | None],
+    request_id: str,
+    *,
+    vocab_size: int,
+    hidden_size: int,
+    max_context: int,
+    default_end_id: int,
+    default_pad_id: int,
+) -> GenerationRequest | StopRequest:
+    """Validate one request's tensors (batched layout: [1, ...]); raises InputError naming the problem."""
+    if _scalar(inputs, c.STOP, bool, False):
+        if not request_id:
+            raise InputError("a stop request needs the request id of the request to stop")
+        return StopRequest(request_id)
+    ids = inputs.get(c.INPUT_IDS)
+    if ids is None:
+        raise InputError(f"{c.INPUT_IDS} is required")
+    ids = np.asarray(ids)
+    if ids.ndim == 2:
+        if ids.shape[0] != 1:
+            raise InputError(f"one sequence per request: {c.INPUT_IDS} has batch size {ids.shape[0]}")
+        ids = ids[0]
+    if ids.ndim != 1:
+        raise InputError(f"{c.INPUT_IDS} must be [batch, tokens], got shape {list(np.shape(inputs[c.INPUT_IDS]))}")
+    length = _scalar(inputs, c.INPUT_LENGTHS, int, None)
+    if length is None:
+        raise InputError(f"{c.INPUT_LENGTHS} is required")
+    if not 1 <= length <= ids.shape[0]:
+        raise InputError(f"{c.INPUT_LENGTHS} is {length}, but {c.INPUT_IDS} holds {ids.shape[0]} tokens")
+    ids = ids[:length].astype(np.int64)
+    check_prompt(length, max_context)
+    max_new = _scalar(inputs, c.REQUEST_OUTPUT_LEN, int, None)
+    if max_new is None:
+        raise InputError(f"{c.REQUEST_OUTPUT_LEN} is required")
+
+    table = inputs.get(c.PROMPT_EMBEDDING_TABLE)
+    if table is not None:
+        table = np.asarray(table)
+        if table.ndim == 3:
+            if table.shape[0] != 1:
+                raise InputError(f"{c.PROMPT_EMBEDDING_TABLE} has batch size {table.shape[0]}")
+            table = table[0]
+        if table.ndim != 2 or table.shape[1] != hidden_size:
+            raise InputError(f"{c.PROMPT_EMBEDDING_TABLE} must be [rows, {hidden_size}], got {list(table.shape)}")
+        rows = _scalar(inputs, c.PROMPT_VOCAB_SIZE, int, table.shape[0])
+        if not 0 <= rows <= table.shape[0]:
+            raise InputError(f"{c.PROMPT_VOCAB_SIZE} is {rows}, but the table has {table.shape[0]} rows")
+        table = table[:rows].astype(np.float32)
+    rows = 0 if table is None else table.shape[0]
+    if ids.min() < 0 or ids.max() >= vocab_size + rows:
+        bad = int(ids[(ids < 0) | (ids >= vocab_size + rows)][0])
+        where = f"below {vocab_size}" if rows == 0 else f"below {vocab_size} + {c.PROMPT_VOCAB_SIZE} ({rows})"
+        raise InputError(f"token id {bad} out of range: ids must be >= 0 and {where}")
+    if table is not None and rows == 0:
+        table = None
+
+    params = SamplingParams(
+        max_tokens=max_new,
+        temperature=_scalar(inputs, c.LLM_TEMPERATURE, float, 0.0),
+        top_p=_scalar(inputs, c.RUNTIME_TOP_P, float, 1.0),
+        top_k=_scalar(inputs, c.RUNTIME_TOP_K, int, 0),
+        seed=_scalar(inputs, c.RANDOM_SEED, int, None),
+    )
+    params.validate(INT32_MAX)  # messages name the entry point's knobs (max_tokens, top_p, ...)
+    end_id = _scalar(inputs, c.END_ID, int, default_end_id)
+    _scalar(inputs, c.PAD_ID, int, default_pad_id)  # accepted for compatibility; padding is internal
+    return GenerationRequest(
+        request_id=request_id, input_ids=ids, prompt_table=table, params=params, end_id=end_id,
+        streaming=_scalar(inputs, c.STREAMING, bool, False),
+    )
+
+
+def request_tensors(
+    input_ids: list[int],
+    prompt_table: np.ndarray | None,
+    params: SamplingParams,
+    *,
+    end_id: int,
+    pad_id: int,
+    table_dtype=np.float32,
+    streaming: bool = True,
+) -> dict[str, np.ndarray]:
+    """The inputs of a generation request in the batched [1, ...] layout (what the entry point sends).
+
+    Greedy is sent as top_k 1 and no temperature, which TensorRT-LLM reads as greedy too; sampling sends
+    every knob explicitly so neither side's defaults matter.
+    """
+    one = lambda v, dt: np.array([[v]], dtype=dt)  # noqa: E731 - (batch 1, 1)
+    t = {
+        c.INPUT_IDS: np.asarray(input_ids, dtype=np.int32)[None],
+        c.INPUT_LENGTHS: one(len(input_ids), np.int32),
+        c.REQUEST_OUTPUT_LEN: one(params.max_tokens, np.int32),
+        c.END_ID: one(end_id, np.int32),
+        c.PAD_ID: one(pad_id, np.int32),
+        c.STREAMING: one(streaming, np.bool_),
+    }
+    if params.greedy:
+        t[c.RUNTIME_TOP_K] = one(1, np.int32)
+    else:
+        t[c.LLM_TEMPERATURE] = one(params.temperature, np.float32)
+        t[c.RUNTIME_TOP_K] = one(params.top_k, np.int32)
+        t[c.RUNTIME_TOP_P] = one(params.top_p, np.float32)
+        if params.seed is not None:
+            t[c.RANDOM_SEED] = one(params.seed, np.uint64)
+    if prompt_table is not None:
+        t[c.PROMPT_EMBEDDING_TABLE] = prompt_table.astype(table_dtype)[None]
+        t[c.PROMPT_VOCAB_SIZE] = one(prompt_table.shape[0], np.int32)
+    return t
+
+
+def stop_tensors() -> dict[str, np.ndarray]:
+    """A stop request (sent with the request id of the generation to stop)."""
+    return {
+        c.INPUT_IDS: np.zeros((1, 1), np.int32),
+        c.INPUT_LENGTHS: np.ones((1, 1), np.int32),
+        c.REQUEST_OUTPUT_LEN: np.ones((1, 1), np.int32),
+        c.STOP: np.ones((1, 1), np.bool_),
+    }
+
+
+assert MAX_SEED == 2**64 - 1  # random_seed is UINT64: every valid seed fits
+
+
+class LLMError(RuntimeError):
+    """The LLM model reported a failure for a request."""
+
+
+def response_tokens(output: Callable[[str], np.ndarray | None]) -> list[int]:
+    """The new token ids of one (streamed) response; `output(name)` gives an output or None.
+
+    A response without output_ids (the bare final flag) has none. Raises LLMError when the response
+    carries our `error` output (TensorRT-LLM never sends one).
+    """
+    error = c.first(output(c.LLM_ERROR))
+    if error:
+        raise LLMError(error.decode("utf-8", "replace") if isinstance(error, bytes) else str(error))
+    ids = output(c.OUTPUT_IDS)
+    if ids is None:
+        return []
+    ids = np.asarray(ids)
+    row = ids.reshape(ids.shape[-1]) if ids.size else np.zeros(0, np.int32)  # (1, beam 1, n) -> (n,)
+    n = c.first(output(c.SEQUENCE_LENGTH))
+    if n is not None and 0 <= int(n) <= row.size:
+        row = row[: int(n)]
+    return [int(t) for t in row]
+
+
+# ------------------------------------------------------------------------------------------------
+# In-flight batching
+# ------------------------------------------------------------------------------------------------
+
+
+class BatchedLM(Protocol):
+    """What the batcher needs from a decoder (`mmgpt.runtime.OrtLLMModel` provides it)."""
+
+    def embed(self, input_ids: np.ndarray, prompt_table: np.ndarray | None) -> np.ndarray: ...
+
+    def run(self, inputs_embeds, attention_mask, position_ids, past): ...
+
+    def empty_past(self, batch: int) -> list[np.ndarray]: ...
+
+
+class TokenSink(Protocol):
+    """Where a sequence's output goes (responses to a Triton request, or a list in tests)."""
+
+    def tokens(self, ids: list[int]) -> None:
+        """New tokens, in order (never the end id)."""
+
+    def finish(self, reason: str, error: str | None = None) -> None:
+        """Called exactly once: reason is "end" (end id), "length", "cancelled" or "error"."""
+
+    def cancelled(self) -> bool:
+        """The client went away."""
+
+
+@dataclass
+class _Row:
+    request: GenerationRequest
+    sink: TokenSink
+    sampler: Sampler
+    budget: int  # tokens this row may still produce, as generate_ids computes it
+    produced: int = 0
+    pending: int | None = None  # the last sampled token, to be fed by the next decode step
+    length: int = 0  # real tokens in the KV cache (prompt + fed tokens) = the next position id
+    stop: bool = False
+    finished: bool = False
+    emitted: list[int] = field(default_factory=list)  # non-streaming rows: everything, sent at the end
+
+
+@dataclass
+class BatcherStats:
+    iterations: int = 0
+    decode_steps: int = 0  # batched decode calls
+    decode_rows: int = 0  # rows summed over decode calls (/ decode_steps = mean batch)
+    prefills: int = 0  # batched prefill calls
+    prefill_rows: int = 0
+    tokens: int = 0  # tokens emitted
+    cancelled: int = 0
+    max_batch: int = 0
+
+
+class InflightBatcher:
+    """Sequences join a running batch at any iteration and leave it when done, stopped or cancelled."""
+
+    def __init__(
+        self,
+        model: BatchedLM,
+        *,
+        max_batch: int,
+        vocab_limit: int,
+        max_context: int,
+        on_iteration: Callable[[BatcherStats], None] | None = None,
+    ):
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.model = model
+        self.max_batch = max_batch
+        self.vocab_limit = vocab_limit
+        self.max_context = max_context
+        self.on_iteration = on_iteration
+        self.stats = BatcherStats()
+        self._cond = threading.Condition()
+        self._waiting: list[_Row] = []
+        self._rows: list[_Row] = []  # aligned with the batch dimension of _past / _mask
+        self._past: list[np.ndarray] | None = None  # 2L x (B, H, P, hd)
+        self._mask: np.ndarray | None = None  # (B, P) int64, 0 = left padding
+        self._stopped_ids: dict[str, float] = {}  # stop requests that came before their request
+        self._thread: threading.Thread | None = None
+        self._shutdown = False
+
+    # -- the public, thread-safe side --------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest, sink: TokenSink) -> None:
+        """Queue a sequence; it joins the batch at the next iteration."""
+        budget = min(request.params.max_tokens, self.max_context - len(request.input_ids))
+        row = _Row(request, sink, Sampler(request.params, self.vocab_limit), budget)
+        with self._cond:
+            if self._stopped_ids.pop(request.request_id, None) is not None:
+                row.stop = True
+            self._waiting.append(row)
+            self._cond.notify_all()
+
+    def stop(self, request_id: str) -> None:
+        """Stop every sequence with this request id at the next iteration (TensorRT-LLM's `stop`)."""
+        with self._cond:
+            found = False
+            for row in self._waiting + self._rows:
+                if row.request.request_id == request_id:
+                    row.stop = found = True
+            if not found:  # it may still be on its way: remember briefly
+                now = time.monotonic()
+                self._stopped_ids = {k: t for k, t in self._stopped_ids.items() if now - t < 60}
+                self._stopped_ids[request_id] = now
+            self._cond.notify_all()
+
+    def active(self) -> int:
+        with self._cond:
+            return len(self._rows) + len(self._waiting)
+
+    def start(self) -> InflightBatcher:
+        """Run iterations in a background thread until `shutdown`."""
+        self._thread = threading.Thread(target=self._loop, name="inflight-batcher", daemon=True)
+        self._thread.start()
+        return self
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._shutdown = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        for row in self._take_all():
+            self._finish(row, "cancelled")
+
+    def run_until_idle(self, max_iterations: int = 1_000_000) -> None:
+        """Iterate in the calling thread until nothing is left (tests, warm-up)."""
+        for _ in range(max_iterations):
+            if not self.step():
+                return
+        raise RuntimeError("batcher did not become idle")
+
+    # -- the scheduler -------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._shutdown or self._waiting or self._rows)
+                if self._shutdown:
+                    return
+            try:
+                self.step()
+            except Exception:  # step() already failed the rows involved; keep serving the rest
+                log.exception("in-flight batcher iteration failed")
+
+    def _take_all(self) -> list[_Row]:
+        with self._cond:
+            rows, self._rows, self._waiting = self._rows + self._waiting, [], []
+            self._past = self._mask = None
+        return rows
+
+    def step(self) -> bool:
+        """One iteration: drop stopped rows, prefill arrivals, one decode step. False when idle."""
+        with self._cond:
+            room = self.max_batch - len(self._rows)
+            arrivals, self._waiting = self._waiting[: max(room, 0)], self._waiting[max(room, 0) :]
+        if not arrivals and not self._rows:
+            return False
+        self.stats.iterations += 1
+        self._drop(lambda r: r.stop or r.sink.cancelled(), "cancelled")
+        arrivals = [r for r in arrivals if not self._cancel_if_stopped(r)]
+        try:
+            if arrivals:
+                self._prefill(arrivals)
+            if self._rows:
+                self._decode()
+        except Exception as e:
+            failed, self._rows, self._past, self._mask = arrivals + self._rows, [], None, None
+            for row in failed:
+                self._finish(row, "error", f"generation failed: {e}")
+            raise
+        self.stats.max_batch = max(self.stats.max_batch, len(self._rows))
+        if self.on_iteration is not None:
+            try:
+                self.on_iteration(self.stats)
+            except Exception:  # metrics must never stop generation
+                log.exception("on_iteration callback failed")
+        return True
+
+    def _cancel_if_stopped(self, row: _Row) -> bool:
+        if row.stop or row.sink.cancelled():
+            self._finish(row, "cancelled")
+            return True
+        return False
+
+    def _prefill(self, rows: list[_Row]) -> None:
+        """Batched prefill of new rows: left-padded to the longest prompt; the survivors join the batch."""
+        lengths = [len(r.request.input_ids) for r in rows]
+        t = max(lengths)
+        embeds = np.concatenate(
+            [self._left_pad(self.model.embed(r.request.input_ids[None], _table(r)), t, axis=1) for r in rows]
+        )  # (k, t, D)
+        mask = np.zeros((len(rows), t), np.int64)
+        for i, n in enumerate(lengths):
+            mask[i, t - n :] = 1
+        positions = np.clip(mask.cumsum(-1) - 1, 0, None)
+        logits, present = self.model.run(embeds, mask, positions, self.model.empty_past(len(rows)))
+        self.stats.prefills += 1
+        self.stats.prefill_rows += len(rows)
+        keep = []
+        for i, row in enumerate(rows):
+            row.length = lengths[i]
+            if self._advance(row, logits[i, -1]):
+                keep.append(i)
+        if keep:
+            self._join([rows[i] for i in keep], [p[keep] for p in present], mask[keep])
+
+    def _decode(self) -> None:
+        """One decode step for every row: feed each row's pending token, sample the next."""
+        rows = self._rows
+        ids = np.array([[r.pending] for r in rows], np.int64)  # (B, 1)
+        embeds = self.model.embed(ids, None)
+        mask = np.concatenate([self._mask, np.ones((len(rows), 1), np.int64)], axis=1)
+        positions = np.array([[r.length] for r in rows], np.int64)
+        logits, self._past = self.model.run(embeds, mask, positions, self._past)
+        self._mask = mask
+        self.stats.decode_steps += 1
+        self.stats.decode_rows += len(rows)
+        done = []
+        for i, row in enumerate(rows):
+            row.length += 1
+            if not self._advance(row, logits[i, -1]):
+                done.append(i)
+        if done:
+            self._remove(done)
+
+    def _advance(self, row: _Row, logits: np.ndarray) -> bool:
+        """Sample the row's next token and emit it; False when the row is finished (generate_ids' rules)."""
+        token = row.sampler(logits)
+        if token == row.request.end_id:
+            self._finish(row, "end")
+            return False
+        row.produced += 1
+        self.stats.tokens += 1
+        if row.request.streaming:
+            row.sink.tokens([token])
+        else:
+            row.emitted.append(token)
+        if row.produced >= row.budget:
+            self._finish(row, "length")
+            return False
+        row.pending = token
+        return True
+
+    def _finish(self, row: _Row, reason: str, error: str | None = None) -> None:
+        if row.finished:
+            return
+        row.finished = True
+        if reason == "cancelled":
+            self.stats.cancelled += 1
+        try:
+            if row.emitted and reason != "error":
+                row.sink.tokens(row.emitted)
+                row.emitted = []
+            row.sink.finish(reason, error)
+        except Exception:  # a sink that cannot send (client gone) must not stop the batch
+            log.exception("sending the end of request %s failed", row.request.request_id)
+
+    # -- the shared KV cache -----------------------------------------------------------------------
+
+    def _join(self, rows: list[_Row], past: list[np.ndarray], mask: np.ndarray) -> None:
+        if self._past is None:
+            self._rows, self._past, self._mask = list(rows), past, mask
+            return
+        width = max(self._mask.shape[1], mask.shape[1])
+        self._past = [
+            np.concatenate([self._left_pad(a, width, axis=2), self._left_pad(b, width, axis=2)])
+            for a, b in zip(self._past, past)
+        ]
+        self._mask = np.concatenate([self._left_pad(self._mask, width, axis=1), self._left_pad(mask, width, axis=1)])
+        self._rows = self._rows + list(rows)
+
+    def _drop(self, predicate: Callable[[_Row], bool], reason: str) -> None:
+        gone = [i for i, r in enumerate(self._rows) if predicate(r)]
+        if gone:
+            rows = [self._rows[i] for i in gone]
+            self._remove(gone)
+            for row in rows:
+                self._finish(row, reason)
+
+    def _remove(self, indices: list[int]) -> None:
+        """Take rows out of the batch and trim the left padding no remaining row needs."""
+        keep = [i for i in range(len(self._rows)) if i not in set(indices)]
+        self._rows = [self._rows[i] for i in keep]
+        if not keep:
+            self._past = self._mask = None
+            return
+        mask = self._mask[keep]
+        start = int(np.argmax(mask.any(axis=0)))  # first column some row still uses
+        self._mask = mask[:, start:]
+        self._past = [p[keep][:, :, start:] for p in self._past]
+
+    @staticmethod
+    def _left_pad(a: np.ndarray, width: int, axis: int) -> np.ndarray:
+        missing = width - a.shape[axis]
+        if missing == 0:
+            return a
+        pad = [(0, 0)] * a.ndim
+        pad[axis] = (missing, 0)
+        return np.pad(a, pad)
+
+
+def _table(row: _Row) -> np.ndarray | None:
+    table = row.request.prompt_table
+    return None if table is None else table[None]
+
+
+class ListSink:
+    """A TokenSink that collects into lists (tests, warm-up)."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.chunks: list[list[int]] = []
+        self.reason: str | None = None
+        self.error: str | None = None
+        self.cancel = False
+        self.done = threading.Event()
+
+    def tokens(self, ids: list[int]) -> None:
+        self.chunks.append(list(ids))
+        self.ids.extend(ids)
+
+    def finish(self, reason: str, error: str | None = None) -> None:
+        assert self.reason is None, "finish called twice"
+        self.reason, self.error = reason, error
+        self.done.set()
+
+    def cancelled(self) -> bool:
+        return self.cancel

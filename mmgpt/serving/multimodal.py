@@ -1,0 +1,343 @@
+"""The entry point's logic: one `multimodal` request in, text pieces out.
+
+    question = parse_question(inputs, settings)          # every input checked; InputError names the problem
+    pipeline.answer(question, stages, replies, ...)      # image/audio branches, template, generation, text
+
+`Stages` is what the entry point calls for the heavy parts: in Triton they are BLS requests to the
+`whisper`, `vision_encoder` and LLM models (model_repository/multimodal/1/model.py); in tests they can
+be in-process. Image decoding, the chat template, stop words and detokenization happen here, with the
+very functions `mmgpt ask` uses (`load_image`, `prompt_ids`, `TextStream`), so a served greedy answer is
+the reference answer token for token.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Generator, Iterable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from mmgpt import names
+from mmgpt.config import MMGPTConfig
+from mmgpt.generation import SamplingParams, TextStream, check_prompt
+from mmgpt.preprocess import InputError, Limits, load_image, pixel_values
+from mmgpt.serving import contract as c
+from mmgpt.template import Message, join_question, parse_history, prompt_ids
+
+# ------------------------------------------------------------------------------------------------
+# Settings (config.pbtxt parameters) and request parsing
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EntrySettings:
+    max_tokens_limit: int
+    max_image_bytes: int = Limits.max_image_bytes
+    max_image_pixels: int = Limits.max_image_pixels
+    # Longest wait for the next piece from a stage before the request fails (a stage that hangs must
+    # not hold a client forever; Triton 2.51's BLS has no per-response timeout of its own).
+    response_timeout_s: float = 300.0
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(max_image_bytes=self.max_image_bytes, max_image_pixels=self.max_image_pixels)
+
+    @classmethod
+    def from_parameters(cls, params: Mapping[str, str]) -> EntrySettings:
+        return cls(
+            max_image_bytes=int(params["max_image_bytes"]),
+            max_image_pixels=int(params["max_image_pixels"]),
+            max_tokens_limit=int(params["max_tokens_limit"]),
+            response_timeout_s=float(params["response_timeout_s"]),
+        )
+
+
+@dataclass(frozen=True)
+class Question:
+    text: str
+    image: bytes | None
+    audio: bytes | None
+    history: tuple[Message, ...]
+    params: SamplingParams
+    stream: bool
+
+
+def _utf8(raw: Any, what: str) -> str:
+    if isinstance(raw, str):
+        return raw
+    try:
+        return bytes(raw).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{what} is not valid UTF-8 (byte {e.start}): send text encoded as UTF-8") from None
+
+
+def _bytes(inputs: Mapping[str, np.ndarray | None], name: str) -> bytes | None:
+    value = c.first(inputs.get(name))
+    if value is None:
+        return None
+    return value.encode("utf-8") if isinstance(value, str) else bytes(value)
+
+
+def parse_question(inputs: Mapping[str, np.ndarray | None], settings: EntrySettings) -> Question:
+    """Check every input of the contract; raise InputError with a message meant for the user."""
+    raw_text = c.first(inputs.get(c.TEXT_INPUT))
+    if raw_text is None:
+        raise InputError(f"{c.TEXT_INPUT} is required (it may be empty when {c.AUDIO_INPUT} holds the question)")
+    text = _utf8(raw_text, c.TEXT_INPUT)
+    image = _bytes(inputs, c.IMAGE_INPUT)
+    audio = _bytes(inputs, c.AUDIO_INPUT)
+    if not text.strip() and audio is None:
+        raise InputError(f"no question: {c.TEXT_INPUT} is empty and there is no {c.AUDIO_INPUT}")
+    raw_history = _bytes(inputs, c.HISTORY)
+    try:
+        history = tuple(parse_history(raw_history)) if raw_history is not None else ()
+    except InputError:
+        raise
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+    def scalar(name: str, cast: Callable, default):
+        value = c.first(inputs.get(name))
+        return default if value is None else cast(value)
+
+    words = inputs.get(c.STOP_WORDS)
+    stop_words = tuple(_utf8(w, c.STOP_WORDS) for w in np.asarray(words).reshape(-1)) if words is not None else ()
+    defaults = SamplingParams()
+    params = SamplingParams(
+        max_tokens=scalar(c.MAX_TOKENS, int, defaults.max_tokens),
+        temperature=scalar(c.TEMPERATURE, float, defaults.temperature),
+        top_p=scalar(c.TOP_P, float, defaults.top_p),
+        top_k=scalar(c.TOP_K, int, defaults.top_k),
+        seed=scalar(c.SEED, int, defaults.seed),
+        stop_words=stop_words,
+    )
+    params.validate(settings.max_tokens_limit)
+    return Question(text, image, audio, history, params, stream=scalar(c.STREAM, bool, True))
+
+
+# ------------------------------------------------------------------------------------------------
+# Stages and the answer
+# ------------------------------------------------------------------------------------------------
+
+
+class Stages(Protocol):
+    def transcribe(self, audio: bytes) -> str:
+        """Encoded audio -> transcript; InputError for audio that cannot be used."""
+
+    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
+        """(1, 3, S, S) pixel values -> (N, D) prompt table."""
+
+    def generate(
+        self, request_id: str, input_ids: list[int], prompt_table: np.ndarray | None, params: SamplingParams, end_id: int
+    ) -> Generator[list[int], None, None] | ResponsePump:
+        """New token ids in chunks as the LLM produces them; an empty chunk now and then while waiting,
+        so the caller can look for cancellation. `close()` ends the reading early."""
+
+    def stop(self, request_id: str) -> None:
+        """Tell the LLM to stop generating for request_id (cancellation is not passed on through BLS)."""
+
+
+Send = Callable[[str | None, str | None, bool], None]  # (text, transcript, final); (None, None, True) = bare end
+
+
+class Replies:
+    """What the client receives: with stream, each response carries the new text only, and the transcript
+    rides on the first response (sent as soon as it is known); without stream, exactly one response
+    carries the whole answer and the transcript. Concatenating each output over the responses gives the
+    whole text and the whole transcript either way."""
+
+    def __init__(self, send: Send, *, stream: bool):
+        self.send = send
+        self.stream = stream
+        self.transcript = ""
+        self.parts: list[str] = []
+        self.sent = False
+        self.closed = False
+
+    def heard(self, transcript: str) -> None:
+        self.transcript = transcript
+        if self.stream and transcript:
+            self._send("", final=False)
+
+    def piece(self, text: str) -> None:
+        if not text:
+            return
+        if self.stream:
+            self._send(text, final=False)
+        else:
+            self.parts.append(text)
+
+    def close(self) -> None:
+        if self.stream and self.sent:
+            self.send(None, None, True)
+        else:  # non-streaming, or a stream that produced nothing: one response with everything
+            self._send("".join(self.parts), final=True)
+        self.closed = True
+
+    def _send(self, text: str, *, final: bool) -> None:
+        transcript = "" if self.sent else self.transcript
+        self.send(text, transcript, final)
+        self.sent = True
+
+
+class Pipeline:
+    """The entry point's state: config, tokenizer and image processor of one export."""
+
+    def __init__(self, config: MMGPTConfig, tokenizer, image_processor, settings: EntrySettings):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.settings = settings
+
+    @classmethod
+    def load(cls, export_dir: str | Path, settings: EntrySettings) -> Pipeline:
+        from transformers import AutoTokenizer, CLIPImageProcessor
+
+        d = Path(export_dir)
+        return cls(
+            MMGPTConfig.load(d), AutoTokenizer.from_pretrained(d / names.TOKENIZER_DIR),
+            CLIPImageProcessor.from_pretrained(d / names.VISION_DIR), settings,
+        )
+
+    def warm_up(self) -> None:
+        """Exercise the tokenizer, template and image preprocessing once (first calls are slow)."""
+        from PIL import Image
+
+        pixel_values([Image.new("RGB", (8, 8))], self.image_processor)
+        ids = prompt_ids(self.config, self.tokenizer, [], "warm-up", has_image=True)
+        stream = TextStream(self.tokenizer)
+        for t in ids[:4]:
+            stream.push(t)
+
+    def answer(
+        self,
+        question: Question,
+        stages: Stages,
+        replies: Replies,
+        *,
+        request_id: str,
+        is_cancelled: Callable[[], bool],
+    ) -> str:
+        """Run one request to its end; returns "done", "stopped" (a stop word) or "cancelled"."""
+        # Cheap local checks first: a bad image fails before any model runs.
+        pixels = None
+        if question.image is not None:
+            pixels = pixel_values([load_image(question.image, self.settings.limits)], self.image_processor)
+        transcript = stages.transcribe(question.audio) if question.audio is not None else ""
+        try:
+            asked = join_question(question.text, transcript)
+        except ValueError as e:
+            raise InputError(f"{e} (the audio was transcribed as {transcript!r})") from None
+        table = stages.encode_image(pixels) if pixels is not None else None
+        ids = prompt_ids(self.config, self.tokenizer, question.history, asked, has_image=table is not None)
+        check_prompt(len(ids), self.config.max_context)
+        # The same budget as generate_ids: the LLM gets no more than the context leaves.
+        params = replace(question.params, max_tokens=min(question.params.max_tokens, self.config.max_context - len(ids)))
+        replies.heard(transcript)
+        if is_cancelled():
+            return "cancelled"
+
+        text = TextStream(self.tokenizer, params.stop_words)
+        eos = self.config.eos_token_id
+        chunks = stages.generate(request_id, ids, table, params, eos)
+        try:
+            for chunk in chunks:
+                if is_cancelled():
+                    stages.stop(request_id)
+                    return "cancelled"
+                ended = eos in chunk  # an LLM that returns its end id (ours never does)
+                for token in chunk[: chunk.index(eos)] if ended else chunk:
+                    replies.piece(text.push(token))
+                    if text.stopped:
+                        stages.stop(request_id)
+                        replies.close()
+                        return "stopped"
+                if ended:
+                    break
+        finally:
+            chunks.close()
+        replies.piece(text.finish())
+        replies.close()
+        return "done"
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading a streamed BLS response with a timeout
+# ------------------------------------------------------------------------------------------------
+
+
+class ResponsePump:
+    """Iterate a blocking response iterator from a helper thread, with a poll interval and a timeout.
+
+    Triton 2.51's decoupled BLS iterator blocks until the next response; read directly, a cancelled
+    client would go unnoticed until then and a stage that hangs would hold the request forever. Each
+    `__next__` returns the next decoded chunk, or [] after `poll_s` without one; raises TimeoutError
+    after `timeout_s` without any response and re-raises what the reader raised.
+
+    The reader thread alone touches the responses (it decodes them into plain lists): Triton's response
+    objects are not safe to use from two threads. `close()` waits for it to reach the end of the stream,
+    so nothing of a request outlives it.
+    """
+
+    def __init__(
+        self,
+        start: Callable[[], Iterable[Any]],
+        decode: Callable[[Any], list[int]],
+        *,
+        timeout_s: float,
+        poll_s: float = 0.05,
+    ):
+        self._queue: queue.Queue = queue.Queue()
+        self._timeout_s = timeout_s
+        self._poll_s = poll_s
+        self._last = time.monotonic()
+        self._done = False
+        self._thread = threading.Thread(target=self._read, args=(start, decode), daemon=True, name="bls-reader")
+        self._thread.start()
+
+    def _read(self, start: Callable[[], Iterable[Any]], decode: Callable[[Any], list[int]]) -> None:
+        error = None
+        try:
+            for item in start():
+                if error is None:
+                    try:
+                        self._queue.put(("item", decode(item)))
+                    except BaseException as e:  # handed to the consumer; the stream is still drained
+                        error = e
+                        self._queue.put(("error", e))
+        except BaseException as e:
+            if error is None:
+                self._queue.put(("error", e))
+        self._queue.put(("end", None))
+
+    def __iter__(self) -> ResponsePump:
+        return self
+
+    def __next__(self) -> list[int]:
+        if self._done:
+            raise StopIteration
+        try:
+            kind, value = self._queue.get(timeout=self._poll_s)
+        except queue.Empty:
+            if time.monotonic() - self._last > self._timeout_s:
+                self._done = True
+                raise TimeoutError(f"no response from the LLM within {self._timeout_s:g} s") from None
+            return []
+        self._last = time.monotonic()
+        if kind == "end":
+            self._done = True
+            raise StopIteration
+        if kind == "error":
+            self._done = True
+            raise value
+        return value
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop yielding and wait (at most timeout_s) for the reader to reach the end of the stream."""
+        self._done = True
+        self._thread.join(timeout_s)

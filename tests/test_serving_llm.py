@@ -1,0 +1,314 @@
+"""The `llm` model's logic without Triton: TensorRT-LLM-style request parsing and in-flight batching.
+
+The batcher runs the tiny export's real ONNX decoder; the reference is the one-sequence loop every
+runtime shares (`generate_ids` over `OrtLLM`), so "batched == alone" is checked token for token.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from mmgpt.generation import SamplingParams, generate_ids
+from mmgpt.preprocess import InputError
+from mmgpt.serving import contract as c
+from mmgpt.serving.llm import (
+    GenerationRequest,
+    InflightBatcher,
+    ListSink,
+    LLMError,
+    StopRequest,
+    request_tensors,
+    response_tokens,
+    stop_tensors,
+)
+from mmgpt.serving.stages import LLMStage
+from mmgpt.template import prompt_ids
+
+QUESTIONS = [
+    "hi",
+    "What is in the picture? Tell me everything.",
+    "a",
+    "Describe it in detail please, with colours and shapes",
+    "x y z",
+    "tell",
+    "a longer question about many many things here and there",
+    "q",
+]
+
+
+@pytest.fixture(scope="module")
+def stage(tiny_export) -> LLMStage:
+    return LLMStage(tiny_export)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_export):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_export / "tokenizer")
+
+
+def make_requests(stage: LLMStage, tokenizer, n: int = 8, *, sampling: bool = False) -> list[GenerationRequest]:
+    cfg = stage.config
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        image = i % 2 == 0
+        ids = prompt_ids(cfg, tokenizer, [], QUESTIONS[i % len(QUESTIONS)], has_image=image)
+        table = rng.standard_normal((cfg.num_image_tokens, cfg.llm_hidden_size)).astype(np.float32) if image else None
+        params = SamplingParams(max_tokens=40 + 7 * i, temperature=0.9 if sampling and i % 2 else 0.0, top_k=40, seed=i)
+        out.append(GenerationRequest(f"r{i}", np.array(ids), table, params, cfg.eos_token_id, streaming=True))
+    return out
+
+
+def alone(stage: LLMStage, request: GenerationRequest) -> list[int]:
+    """The reference: this request decoded by itself with the shared one-sequence loop."""
+    return list(generate_ids(
+        stage.model.decoder(), request.input_ids, request.prompt_table, request.params,
+        eos_id=request.end_id, vocab_limit=stage.vocab_limit, max_context=stage.config.max_context,
+    ))
+
+
+def batcher(stage: LLMStage, max_batch: int = 8) -> InflightBatcher:
+    return stage.batcher(max_batch)
+
+
+# ------------------------------------------------------------------------------------------------
+# In-flight batching
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sampling", [False, True], ids=["greedy", "seeded-sampling"])
+def test_batched_equals_one_by_one(stage, tokenizer, sampling):
+    requests = make_requests(stage, tokenizer, sampling=sampling)
+    b = batcher(stage)
+    sinks = []
+    for r in requests:
+        sinks.append(ListSink())
+        b.submit(r, sinks[-1])
+    b.run_until_idle()
+    for r, sink in zip(requests, sinks):
+        assert sink.ids == alone(stage, r), r.request_id
+        assert sink.reason in ("end", "length")
+    assert b.stats.max_batch == len(requests)  # they really shared the steps
+    assert b.stats.decode_rows > b.stats.decode_steps
+    assert b.stats.prefills == 1 and b.stats.prefill_rows == len(requests)  # one batched, left-padded prefill
+
+
+def test_rows_join_and_leave_mid_flight(stage, tokenizer):
+    """Arrivals every few steps, different budgets (so rows leave at different times), cache trimmed."""
+    requests = make_requests(stage, tokenizer)
+    b = batcher(stage)
+    sinks = []
+    widths = []
+    for i, r in enumerate(requests):
+        sinks.append(ListSink())
+        b.submit(r, sinks[-1])
+        for _ in range(i * 5):
+            b.step()
+            if b._mask is not None:
+                widths.append(b._mask.shape[1])
+    b.run_until_idle()
+    for r, sink in zip(requests, sinks):
+        assert sink.ids == alone(stage, r), r.request_id
+    assert b.stats.prefill_rows == len(requests)
+    assert b._past is None and b._rows == []  # everything left; nothing held
+    assert b.stats.max_batch > 1
+
+
+def test_streaming_sends_each_token_and_non_streaming_one_chunk(stage, tokenizer):
+    streamed, whole = make_requests(stage, tokenizer, 2)
+    whole = GenerationRequest(**{**whole.__dict__, "streaming": False})
+    b = batcher(stage)
+    s1, s2 = ListSink(), ListSink()
+    b.submit(streamed, s1)
+    b.submit(whole, s2)
+    b.run_until_idle()
+    assert all(len(chunk) == 1 for chunk in s1.chunks) and len(s1.chunks) == len(s1.ids) > 1
+    assert len(s2.chunks) == 1 and s2.ids == alone(stage, whole)
+
+
+def test_stop_and_cancellation_remove_only_that_row(stage, tokenizer):
+    requests = make_requests(stage, tokenizer, 3)
+    requests = [GenerationRequest(**{**r.__dict__, "params": SamplingParams(max_tokens=200)}) for r in requests]
+    b = batcher(stage)
+    sinks = [ListSink() for _ in requests]
+    for r, s in zip(requests, sinks):
+        b.submit(r, s)
+    for _ in range(5):
+        b.step()
+    before = [len(s.ids) for s in sinks]
+    b.stop("r0")  # TensorRT-LLM's stop request
+    sinks[1].cancel = True  # the client went away
+    b.step()
+    assert sinks[0].reason == "cancelled" and sinks[1].reason == "cancelled"
+    assert [len(s.ids) for s in sinks[:2]] == before[:2]  # nothing after the stop
+    assert len(b._rows) == 1 and b.stats.cancelled == 2
+    b.run_until_idle()
+    assert sinks[2].ids == alone(stage, requests[2])  # the survivor is unaffected
+
+
+def test_stop_before_the_request_arrives_is_remembered(stage, tokenizer):
+    [r] = make_requests(stage, tokenizer, 1)
+    b = batcher(stage)
+    b.stop(r.request_id)
+    sink = ListSink()
+    b.submit(r, sink)
+    b.run_until_idle()
+    assert sink.reason == "cancelled" and sink.ids == []
+
+
+def test_more_requests_than_rows_wait_their_turn(stage, tokenizer):
+    requests = make_requests(stage, tokenizer, 5)
+    b = batcher(stage, max_batch=2)
+    sinks = [ListSink() for _ in requests]
+    for r, s in zip(requests, sinks):
+        b.submit(r, s)
+    b.run_until_idle()
+    assert b.stats.max_batch == 2
+    for r, s in zip(requests, sinks):
+        assert s.ids == alone(stage, r)
+
+
+def test_budget_is_capped_by_the_context(stage, tokenizer):
+    cfg = stage.config
+    words = 1
+    while len(prompt_ids(cfg, tokenizer, [], "word " * (words + 1), has_image=False)) < cfg.max_context - 50:
+        words += 1
+    ids = np.array(prompt_ids(cfg, tokenizer, [], "word " * words, has_image=False))
+    room = cfg.max_context - len(ids)
+    assert 0 < room < 100
+    r = GenerationRequest("long", ids, None, SamplingParams(max_tokens=1000), end_id=-1, streaming=True)  # never ends
+    sink = ListSink()
+    b = batcher(stage)
+    b.submit(r, sink)
+    b.run_until_idle()
+    assert len(sink.ids) == room and sink.reason == "length"
+
+
+class _Broken:
+    """A model whose decode step fails once."""
+
+    def __init__(self, model):
+        self.model = model
+        self.fail = False
+
+    def embed(self, ids, table):
+        return self.model.embed(ids, table)
+
+    def empty_past(self, b):
+        return self.model.empty_past(b)
+
+    def run(self, embeds, mask, pos, past):
+        if self.fail:
+            self.fail = False
+            raise RuntimeError("device lost")
+        return self.model.run(embeds, mask, pos, past)
+
+
+def test_a_failed_step_fails_its_rows_and_the_batcher_keeps_serving(stage, tokenizer):
+    broken = _Broken(stage.model)
+    b = InflightBatcher(broken, max_batch=4, vocab_limit=stage.vocab_limit, max_context=stage.config.max_context)
+    first, second = make_requests(stage, tokenizer, 2)
+    s1 = ListSink()
+    b.submit(first, s1)
+    b.step()
+    broken.fail = True
+    with pytest.raises(RuntimeError):
+        b.step()
+    assert s1.reason == "error" and "device lost" in s1.error
+    s2 = ListSink()
+    b.submit(second, s2)
+    b.run_until_idle()
+    assert s2.ids == alone(stage, second)
+
+
+def test_background_thread_serves_concurrent_submitters(stage, tokenizer):
+    requests = make_requests(stage, tokenizer)
+    b = batcher(stage).start()
+    try:
+        sinks = [ListSink() for _ in requests]
+        threads = [threading.Thread(target=b.submit, args=(r, s)) for r, s in zip(requests, sinks)]
+        for t in threads:
+            t.start()
+        for s in sinks:
+            assert s.done.wait(30)
+        for r, s in zip(requests, sinks):
+            assert s.ids == alone(stage, r)
+    finally:
+        b.shutdown()
+
+
+# ------------------------------------------------------------------------------------------------
+# Request tensors (TensorRT-LLM's layout)
+# ------------------------------------------------------------------------------------------------
+
+
+def parse(stage, tensors, request_id="7"):
+    return stage.parse(tensors, request_id)
+
+
+def test_request_tensors_round_trip(stage):
+    cfg = stage.config
+    table = np.ones((cfg.num_image_tokens, cfg.llm_hidden_size), np.float32)
+    ids = [5, 6, cfg.llm_vocab_size, cfg.llm_vocab_size + cfg.num_image_tokens - 1, 7]
+    params = SamplingParams(max_tokens=9, temperature=0.5, top_p=0.75, top_k=3, seed=2**64 - 1)
+    tensors = request_tensors(ids, table, params, end_id=cfg.eos_token_id, pad_id=cfg.pad_token_id)
+    for name, array in tensors.items():  # batch dimension first, dtypes of the interface
+        assert array.shape[0] == 1, name
+        want = c.LLM_INPUTS[name][0]
+        assert want.startswith("${") or np.dtype(array.dtype) == np.dtype(
+            {"TYPE_INT32": np.int32, "TYPE_FP32": np.float32, "TYPE_UINT64": np.uint64, "TYPE_BOOL": np.bool_}[want]
+        ), name
+    r = parse(stage, tensors)
+    assert r.input_ids.tolist() == ids and r.params == params and r.streaming
+    np.testing.assert_array_equal(r.prompt_table, table)
+    greedy = parse(stage, request_tensors(ids[:2], None, SamplingParams(max_tokens=3), end_id=0, pad_id=1))
+    assert greedy.params.greedy and greedy.prompt_table is None
+
+
+def test_stop_request(stage):
+    assert parse(stage, stop_tensors(), "42") == StopRequest("42")
+    with pytest.raises(InputError, match="request id"):
+        parse(stage, stop_tensors(), "")
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda t: t.pop(c.INPUT_IDS), "input_ids is required"),
+        (lambda t: t.update({c.INPUT_LENGTHS: np.array([[99]], np.int32)}), "input_lengths"),
+        (lambda t: t.update({c.INPUT_IDS: np.array([[1, 2], [3, 4]], np.int32)}), "one sequence per request"),
+        (lambda t: t.update({c.INPUT_IDS: np.array([[1, 2, 10_000]], np.int32)}), "token id 10000 out of range"),
+        (lambda t: t.update({c.REQUEST_OUTPUT_LEN: np.array([[0]], np.int32)}), "max_tokens"),
+        (lambda t: t.update({c.LLM_TEMPERATURE: np.array([[-1]], np.float32)}), "temperature"),
+        (lambda t: t.update({c.RUNTIME_TOP_P: np.array([[0]], np.float32)}), "top_p"),
+        (lambda t: t.update({c.RUNTIME_TOP_K: np.array([[-2]], np.int32)}), "top_k"),
+        (lambda t: t.update({c.INPUT_IDS: np.zeros((1, 600), np.int32), c.INPUT_LENGTHS: np.array([[600]], np.int32)}),
+         "over the context"),
+        (lambda t: t.update({c.PROMPT_EMBEDDING_TABLE: np.zeros((1, 4, 3), np.float32)}), "prompt_embedding_table"),
+    ],
+)
+def test_bad_requests_are_named(stage, change, match):
+    tensors = request_tensors([1, 2, 3], None, SamplingParams(max_tokens=4), end_id=0, pad_id=1)
+    change(tensors)
+    with pytest.raises(InputError, match=match):
+        parse(stage, tensors)
+
+
+def test_image_ids_need_a_table(stage):
+    cfg = stage.config
+    tensors = request_tensors([1, cfg.llm_vocab_size], None, SamplingParams(max_tokens=4), end_id=0, pad_id=1)
+    with pytest.raises(InputError, match="out of range"):
+        parse(stage, tensors)
+
+
+def test_response_tokens_reads_streamed_and_error_responses():
+    outputs = {c.OUTPUT_IDS: np.array([[[4, 5, 6]]], np.int32), c.SEQUENCE_LENGTH: np.array([[2]], np.int32)}
+    assert response_tokens(outputs.get) == [4, 5]
+    assert response_tokens({}.get) == []  # the bare final flag
+    with pytest.raises(LLMError, match="boom"):
+        response_tokens({c.LLM_ERROR: np.array([[b"boom"]], object)}.get)

@@ -1,0 +1,326 @@
+"""The entry point's logic without Triton: the contract's checks, the replies, and the whole answer over
+in-process stages (the same stage classes the Triton models wrap), compared with `Assistant.from_export`."""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+import uuid
+
+import numpy as np
+import pytest
+from serving_fixtures import entry_inputs, flat_png, png_bytes, wav_bytes
+
+from mmgpt.generation import SamplingParams
+from mmgpt.preprocess import InputError, Limits
+from mmgpt.serving import contract as c
+from mmgpt.serving.llm import GenerationRequest
+from mmgpt.serving.multimodal import EntrySettings, Pipeline, Replies, ResponsePump, parse_question
+from mmgpt.serving.stages import LLMStage, VisionStage, WhisperStage
+from mmgpt.template import Message
+
+SETTINGS = EntrySettings(max_tokens_limit=1024, max_image_bytes=300_000, max_image_pixels=250_000, response_timeout_s=30)
+
+
+# ------------------------------------------------------------------------------------------------
+# parse_question: the contract's checks
+# ------------------------------------------------------------------------------------------------
+
+
+def test_defaults_are_mmgpt_asks():
+    q = parse_question(entry_inputs("hello"), SETTINGS)
+    assert q.text == "hello" and q.image is None and q.audio is None and q.history == ()
+    assert q.params == SamplingParams() and q.stream is True
+
+
+def test_every_input_is_read():
+    history = json.dumps([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])
+    q = parse_question(
+        entry_inputs("q", image_input=b"img", audio_input=b"wav", history=history, max_tokens=7, temperature=0.5,
+                     top_p=0.75, top_k=3, seed=2**64 - 1, stop_words=["a", "bc"], stream=False),
+        SETTINGS,
+    )
+    assert (q.image, q.audio, q.stream) == (b"img", b"wav", False)
+    assert q.history == (Message("user", "hi"), Message("assistant", "hello"))
+    assert q.params == SamplingParams(max_tokens=7, temperature=0.5, top_p=0.75, top_k=3, seed=2**64 - 1, stop_words=("a", "bc"))
+
+
+def test_empty_text_with_audio_is_a_question():
+    assert parse_question(entry_inputs("", audio_input=b"x"), SETTINGS).text == ""
+
+
+@pytest.mark.parametrize(
+    "inputs, match",
+    [
+        (entry_inputs(None), "text_input is required"),
+        (entry_inputs("  "), "no question"),
+        (entry_inputs(b"\xff\xfe bad"), "text_input is not valid UTF-8"),
+        (entry_inputs("q", max_tokens=0), "max_tokens must be between 1 and 1024"),
+        (entry_inputs("q", max_tokens=1025), "max_tokens must be between 1 and 1024"),
+        (entry_inputs("q", temperature=-0.1), "temperature must be >= 0"),
+        (entry_inputs("q", temperature=float("nan")), "temperature"),
+        (entry_inputs("q", top_p=0.0), r"top_p must be in \(0, 1\]"),
+        (entry_inputs("q", top_p=1.01), r"top_p must be in \(0, 1\]"),
+        (entry_inputs("q", top_k=-1), "top_k must be >= 0"),
+        (entry_inputs("q", history="[{"), "history is not valid JSON"),
+        (entry_inputs("q", history='{"role": "user"}'), "history must be a JSON list"),
+        (entry_inputs("q", history='[{"role": "system", "content": "x"}, {"role": "assistant", "content": "y"}]'),
+         "role must be 'user' or 'assistant'"),
+        (entry_inputs("q", history='[{"role": "user", "content": "x"}]'), "complete user/assistant pairs"),
+        (entry_inputs("q", history='[{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]'),
+         "expected role 'user'"),
+        (entry_inputs("q", history='[{"role": "user", "content": 3}, {"role": "assistant", "content": "y"}]'),
+         "content must be a string"),
+        ({**entry_inputs("q"), c.HISTORY: np.array([b"\xff"], object)}, "history is not valid UTF-8"),
+        ({**entry_inputs("q"), c.STOP_WORDS: np.array([b"\xff"], object)}, "stop_words is not valid UTF-8"),
+        (entry_inputs("q", stop_words=["ok", ""]), "stop_words must be non-empty"),
+    ],
+)
+def test_bad_inputs_are_named(inputs, match):
+    with pytest.raises(InputError, match=match):
+        parse_question(inputs, SETTINGS)
+
+
+# ------------------------------------------------------------------------------------------------
+# Replies: what the client receives
+# ------------------------------------------------------------------------------------------------
+
+
+def _recorder():
+    sent = []
+    return sent, lambda text, transcript, final: sent.append((text, transcript, final))
+
+
+def test_stream_sends_new_text_with_the_transcript_first():
+    sent, send = _recorder()
+    r = Replies(send, stream=True)
+    r.heard("what was said")
+    r.piece("Hel")
+    r.piece("")
+    r.piece("lo")
+    r.close()
+    assert sent == [("", "what was said", False), ("Hel", "", False), ("lo", "", False), (None, None, True)]
+
+
+def test_no_stream_sends_exactly_one_response():
+    sent, send = _recorder()
+    r = Replies(send, stream=False)
+    r.heard("said")
+    r.piece("Hel")
+    r.piece("lo")
+    r.close()
+    assert sent == [("Hello", "said", True)]
+
+
+def test_an_empty_stream_still_sends_one_response():
+    sent, send = _recorder()
+    r = Replies(send, stream=True)
+    r.heard("")
+    r.close()
+    assert sent == [("", "", True)]
+
+
+# ------------------------------------------------------------------------------------------------
+# The whole answer over in-process stages
+# ------------------------------------------------------------------------------------------------
+
+
+class QueueSink:
+    """A TokenSink feeding an iterator, like the llm model's responses feed the BLS iterator."""
+
+    def __init__(self):
+        self.q: queue.Queue = queue.Queue()
+        self.cancel = False
+
+    def tokens(self, ids):
+        self.q.put(list(ids))
+
+    def finish(self, reason, error=None):
+        self.q.put(None)
+
+    def cancelled(self):
+        return self.cancel
+
+    def __iter__(self):
+        while (item := self.q.get()) is not None:
+            yield item
+
+
+class LocalStages:
+    def __init__(self, export):
+        self.vision = VisionStage(export)
+        self.whisper = WhisperStage(export, Limits(max_audio_seconds=5.0))
+        self.llm = LLMStage(export)
+        self.batcher = self.llm.batcher(4).start()
+        self.stopped: list[str] = []
+        self.transcript_override: str | None = None
+
+    def transcribe(self, audio):
+        return self.whisper.transcribe(audio) if self.transcript_override is None else self.transcript_override
+
+    def encode_image(self, pixels):
+        return self.vision.encode_batches([pixels])[0][0]
+
+    def generate(self, request_id, input_ids, prompt_table, params, end_id):
+        sink = QueueSink()
+        self.batcher.submit(GenerationRequest(request_id, np.array(input_ids), prompt_table, params, end_id, True), sink)
+        return ResponsePump(lambda: iter(sink), lambda chunk: chunk, timeout_s=30)
+
+    def stop(self, request_id):
+        self.stopped.append(request_id)
+        self.batcher.stop(request_id)
+
+
+@pytest.fixture(scope="module")
+def stages(tiny_export):
+    s = LocalStages(tiny_export)
+    yield s
+    s.batcher.shutdown()
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_export):
+    p = Pipeline.load(tiny_export, SETTINGS)
+    p.warm_up()
+    return p
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_export):
+    from mmgpt.inference import Assistant
+
+    return Assistant.from_export(tiny_export)
+
+
+def run(pipeline, stages, inputs, cancel_after: int | None = None):
+    sent, send = _recorder()
+    question = parse_question(inputs, SETTINGS)
+    pieces = []
+
+    def is_cancelled():
+        return cancel_after is not None and len(pieces) >= cancel_after
+
+    def record(text, transcript, final):
+        if text:
+            pieces.append(text)
+        send(text, transcript, final)
+
+    outcome = pipeline.answer(question, stages, Replies(record, stream=question.stream),
+                              request_id=uuid.uuid4().hex, is_cancelled=is_cancelled)
+    return outcome, sent
+
+
+CASES = {
+    "text": dict(text="What is the weather like?"),
+    "image+text": dict(text="What is in the picture?", image_input=png_bytes(64, 48, seed=1)),
+    "audio+text": dict(text="Answer this:", audio_input=wav_bytes(1.5, 22050, channels=2)),
+    "audio only": dict(text="", audio_input=wav_bytes(2.0, 16000)),
+    "multi-turn": dict(text="And then?", history=json.dumps([
+        {"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Hi! How can I help?"}])),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_answers_equal_the_in_process_pipeline(pipeline, stages, exported, case):
+    kw = dict(CASES[case])
+    text = kw.pop("text")
+    outcome, sent = run(pipeline, stages, entry_inputs(text, **kw))
+    history = [Message(m["role"], m["content"]) for m in json.loads(kw.get("history", "[]"))]
+    want = exported.ask(text, image=kw.get("image_input"), audio=kw.get("audio_input"), history=history)
+    assert outcome == "done"
+    assert "".join(t for t, _, _ in sent if t) == want.text and want.text
+    assert "".join(tr for _, tr, _ in sent if tr) == want.transcript
+    assert bool(want.transcript) == ("audio_input" in kw)
+
+
+def test_stop_words_cut_like_the_reference_and_stop_the_llm(pipeline, stages, exported):
+    stages.stopped.clear()
+    full = exported.ask("Tell me about it").text
+    word = full[len(full) // 2 : len(full) // 2 + 3]
+    params = SamplingParams(stop_words=(word,))
+    want = exported.ask("Tell me about it", params=params).text
+    outcome, sent = run(pipeline, stages, entry_inputs("Tell me about it", stop_words=[word]))
+    assert outcome == "stopped" and "".join(t for t, _, _ in sent if t) == want
+    assert word not in want and len(stages.stopped) == 1
+
+
+def _wait_idle(batcher, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while batcher.active() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return batcher.active() == 0
+
+
+def test_cancellation_stops_the_llm_row(pipeline, stages):
+    assert _wait_idle(stages.batcher)  # rows of earlier tests have left
+    before = stages.batcher.stats.cancelled
+    outcome, sent = run(pipeline, stages, entry_inputs("Tell me a long story", max_tokens=1000), cancel_after=1)
+    assert outcome == "cancelled"
+    assert _wait_idle(stages.batcher)
+    assert stages.batcher.stats.cancelled == before + 1  # the row was removed, not finished
+
+
+def test_an_empty_transcript_and_no_text_is_no_question(pipeline, stages):
+    stages.transcript_override = ""
+    try:
+        with pytest.raises(InputError, match="no question"):
+            run(pipeline, stages, entry_inputs("", audio_input=b"any"))
+    finally:
+        stages.transcript_override = None
+
+
+@pytest.mark.parametrize(
+    "inputs, match",
+    [
+        (entry_inputs("q", image_input=b"not an image"), "image could not be decoded"),
+        (entry_inputs("q", image_input=wav_bytes(0.5)), "image could not be decoded"),
+        (entry_inputs("q", image_input=png_bytes(8, 8)[:40]), "image could not be decoded"),
+        (entry_inputs("q", image_input=b""), "image is empty"),
+        (entry_inputs("q", image_input=flat_png(600, 600)), "over the limit of 250000"),
+        (entry_inputs("q", image_input=b"\x89PNG" + bytes(300_000)), "over the limit of 300000"),
+        (entry_inputs("q", audio_input=b"not audio"), "audio could not be decoded"),
+        (entry_inputs("q", audio_input=b""), "audio is empty"),
+        (entry_inputs("q", audio_input=wav_bytes(6.0)), "over the limit of 5 s"),
+        (entry_inputs("word " * 400), "over the context"),
+    ],
+)
+def test_bad_media_and_long_prompts_are_named(pipeline, stages, inputs, match):
+    with pytest.raises(InputError, match=match):
+        run(pipeline, stages, inputs)
+
+
+# ------------------------------------------------------------------------------------------------
+# ResponsePump
+# ------------------------------------------------------------------------------------------------
+
+
+def test_pump_polls_while_waiting_and_times_out():
+    release = threading.Event()
+
+    def slow():
+        yield [1]
+        release.wait(5)
+        yield [2]
+
+    pump = ResponsePump(slow, lambda x: x, timeout_s=0.3, poll_s=0.02)
+    assert next(pump) == [1]
+    assert next(pump) == []  # nothing yet: the caller gets to look for cancellation
+    with pytest.raises(TimeoutError, match="no response"):
+        while True:
+            next(pump)
+    release.set()
+
+
+def test_pump_passes_on_the_readers_error():
+    def broken():
+        yield [1]
+        raise RuntimeError("inner failure")
+
+    pump = ResponsePump(broken, lambda x: x, timeout_s=5)
+    got = []
+    with pytest.raises(RuntimeError, match="inner failure"):
+        for chunk in pump:
+            got += chunk
+    assert got == [1]
