@@ -1,5 +1,6 @@
 """ONNX exports agree with PyTorch, record what they are, and write only into ignored places."""
 
+import inspect
 import json
 import shutil
 import subprocess
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from mmgpt import names
+from mmgpt.export.__main__ import main as export_main
 from mmgpt.export.common import Parity, ParityError, check
 from mmgpt.generation import SamplingParams, generate_ids
 from mmgpt.inference import Assistant
@@ -91,14 +93,21 @@ def test_parity_failure_is_loud():
 
 
 @pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="needs the git checkout")
-def test_export_command_leaves_tree_clean(tiny_checkpoint):
+def test_export_command_leaves_tree_clean(tiny_checkpoint, tmp_path):
+    # Run from the repository root like `make export`, but into a temp dir: `make test` must never
+    # overwrite a user's own artifacts/export. The default output dir is checked to be git-ignored.
     before = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-    run = subprocess.run([sys.executable, "-m", "mmgpt.export"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = tmp_path / "export"
+    run = subprocess.run([sys.executable, "-m", "mmgpt.export", "--out", str(out)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "[parity] llm greedy tokens x40" in run.stdout and "FAIL" not in run.stdout
     after = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
     assert after == before
-    assert (ROOT / "artifacts" / "export" / names.LLM_DIR / names.LLM_ONNX).is_file()
+    assert (out / names.LLM_DIR / names.LLM_ONNX).is_file()
+    default_out = inspect.signature(export_main).parameters["out"].default
+    ignored = subprocess.run(["git", "check-ignore", "-q", f"{default_out}/llm/decoder.onnx"], cwd=ROOT)
+    assert ignored.returncode == 0, f"{default_out} is not git-ignored"
 
 
 def test_gpu_build_says_no_gpu(tiny_export):
