@@ -144,13 +144,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, cancel_dir: Path) -> Iterat
     (repo / "multimodal" / "1" / "model.py").write_text(MODEL_PY)
     config = fill_template(CONFIG, {"execution_env": execution_env_path(), "cancel_dir": str(cancel_dir)})
     (repo / "multimodal" / "config.pbtxt").write_text(config)
-    srv = TritonServer(repo, log_file=tmp_path_factory.mktemp("logs") / "tritonserver.log")
-    try:
-        srv.start()
-        srv.wait_ready(timeout=120)
+    with TritonServer(repo, log_file=tmp_path_factory.mktemp("logs") / "tritonserver.log") as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture

@@ -15,7 +15,11 @@ def test_greedy_is_argmax_within_vocab_limit():
 
 def test_seeded_sampling_is_reproducible_and_filters():
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
-    draw = lambda p: [Sampler(p, 4)(logits) for _ in range(1)] and [s(logits) for s in [Sampler(p, 4)] for _ in range(200)]  # noqa: E731
+
+    def draw(p: SamplingParams) -> list[int]:
+        sample = Sampler(p, 4)  # one sampler, 200 draws from its own RNG
+        return [sample(logits) for _ in range(200)]
+
     p = SamplingParams(temperature=1.0, seed=7)
     assert draw(p) == draw(p)
     assert draw(p) != draw(SamplingParams(temperature=1.0, seed=8))

@@ -192,13 +192,8 @@ def echo_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(echo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
-    srv = TritonServer(echo_repo, log_file=tmp_path_factory.mktemp("logs") / "tritonserver.log")
-    try:
-        srv.start()
-        srv.wait_ready(timeout=120)
+    with TritonServer(echo_repo, log_file=tmp_path_factory.mktemp("logs") / "tritonserver.log") as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture
