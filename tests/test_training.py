@@ -1,6 +1,7 @@
 """Both training stages end to end on the tiny preset and small files in the real formats (COCO 2014
 captions, LLaVA-Instruct; 2014/2017 names mixed, one image missing): frozen weights bit-identical, loss
-falls, exact resume, 2-process gloo data parallel = one process, checkpoints that load, answer and export."""
+falls, exact resume, 2-process gloo data parallel (DDP) = one process, also when the short last batch of an
+epoch leaves a rank without a sample, checkpoints that load, answer and export."""
 
 from __future__ import annotations
 
@@ -19,9 +20,14 @@ from safetensors.torch import load_file
 from mmgpt.checkpoint import load_checkpoint
 from mmgpt.config import MMGPTConfig
 from mmgpt.inference import Assistant
-from mmgpt.training import common, evaluate, finetune, pretrain
+from mmgpt.training import evaluate, finetune, pretrain
+from mmgpt.training.data import load_llava_instruct
 from mmgpt.training.feature_cache import FeatureCache
+from mmgpt.training.prepare import enable_gradient_checkpointing, vision_fingerprint
 from mmgpt.training.sample_data import write_sample_datasets
+from mmgpt.training.schedule import BatchPlan
+from mmgpt.training.train_log import LOSS_PLOT, MetricsLog, read_metrics
+from mmgpt.training.train_state import ARGS_FILE, STATE_DIR, read_progress
 
 FAST = dict(global_batch_size=4, micro_batch_size=2, warmup_ratio=0.1, save_every=3, progress=False)
 LORA = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0)
@@ -34,9 +40,9 @@ def data(tmp_path_factory) -> dict[str, Path]:
 
 @contextlib.contextmanager
 def watch_training():
-    """Record every parameter before and after `common.train` (as the stage scripts call it)."""
+    """Record every parameter before and after `train` (as the stage scripts call it)."""
     record: dict = {}
-    real = common.train
+    real = pretrain.train
 
     def spy(model, *args, **kwargs):
         def snap(trainable: bool):
@@ -48,12 +54,13 @@ def watch_training():
         return result
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(common, "train", spy)
+        for stage in (pretrain, finetune):
+            mp.setattr(stage, "train", spy)
         yield record
 
 
 def losses(out: Path) -> list[float]:
-    return [r["loss"] for r in common.read_metrics(out)]
+    return [r["loss"] for r in read_metrics(out)]
 
 
 @pytest.fixture(scope="module")
@@ -103,10 +110,10 @@ def test_stage1_output_is_a_safetensors_checkpoint_with_metrics(stage1):
     assert cfg.llm_adapter is None and (out / "projector.safetensors").is_file()
     for part in ("vision", "llm", "whisper", "tokenizer"):
         assert (out / part).is_dir()
-    records = common.read_metrics(out)
+    records = read_metrics(out)
     assert [r["step"] for r in records] == list(range(1, 9)) and all("loss" in r for r in records)
-    assert (out / common.LOSS_PLOT).stat().st_size > 0
-    assert json.loads((out / common.ARGS_FILE).read_text())["max_steps"] == 8
+    assert (out / LOSS_PLOT).stat().st_size > 0
+    assert json.loads((out / ARGS_FILE).read_text())["max_steps"] == 8
     first, last = losses(out)[0], losses(out)[-1]
     assert last < first - 0.2, (first, last)
 
@@ -178,7 +185,7 @@ def test_resume_reproduces_the_uninterrupted_run(data, stage1, tmp_path):
               lora_r=4, lora_alpha=8, lora_dropout=0.2, feature_cache=tmp_path / "cache", **FAST)
     finetune.main(out=tmp_path / "straight", **kw)
 
-    real_write = common.MetricsLog.write
+    real_write = MetricsLog.write
 
     def crash_after_5(self, record):
         real_write(self, record)
@@ -186,17 +193,17 @@ def test_resume_reproduces_the_uninterrupted_run(data, stage1, tmp_path):
             raise KeyboardInterrupt("simulated crash")
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(common.MetricsLog, "write", crash_after_5)
+        mp.setattr(MetricsLog, "write", crash_after_5)
         with pytest.raises(KeyboardInterrupt):
             finetune.main(out=tmp_path / "resumed", **kw)
-    assert common.read_progress(tmp_path / "resumed" / common.STATE_DIR)["step"] == 3
+    assert read_progress(tmp_path / "resumed" / STATE_DIR)["step"] == 3
     assert len(losses(tmp_path / "resumed")) == 5
     finetune.main(out=tmp_path / "resumed", **kw)
 
     def strip(records):
         return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in records]
 
-    assert strip(common.read_metrics(tmp_path / "resumed")) == strip(common.read_metrics(tmp_path / "straight"))
+    assert strip(read_metrics(tmp_path / "resumed")) == strip(read_metrics(tmp_path / "straight"))
     a = load_file(str(tmp_path / "straight" / "llm_adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "llm_adapter" / "adapter_model.safetensors"))
     assert _same(a, b)
@@ -218,28 +225,50 @@ def test_stage1_from_the_feature_cache_matches_live(data, stage1, tmp_path):
 
 def _source(ckpt: Path) -> str:
     c = load_checkpoint(ckpt, load_whisper=False)
-    return common.vision_fingerprint(c.model, c.image_processor)
+    return vision_fingerprint(c.model, c.image_processor)
+
+
+def _run(cmd: list[str], env: dict[str, str], log: Path, timeout: float = 300) -> None:
+    """Run a command to success. Output goes to a file, not a pipe, and past the timeout the launcher gets
+    SIGTERM, which torchrun passes on to its ranks: ranks stuck waiting on each other in a collective would
+    otherwise keep a pipe open and hold the test up for good."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            pytest.fail(f"still running after {timeout} s (ranks out of step?): {' '.join(cmd)}\n{log.read_text()[-3000:]}")
+    assert proc.returncode == 0, log.read_text()[-3000:]
 
 
 @pytest.mark.slow
-def test_two_process_gloo_data_parallel_matches_one_process(data, stage1, tmp_path):
+@pytest.mark.parametrize("global_batch_size", [
+    4,  # each rank: 2 micro-batches a step
+    3,  # 4 conversations: step 0 gives rank 0 two micro-batches and rank 1 one; step 1 (the short last
+        # batch of the epoch) gives rank 1 none, so it runs a zero-weight padding pass
+])
+def test_two_process_gloo_data_parallel_matches_one_process(data, stage1, tmp_path, global_batch_size):
+    if global_batch_size == 3:
+        assert len(load_llava_instruct(data["instruct_train"], data["images"])[0]) == 4
+        rank1 = BatchPlan(4, 3, 1, seed=0, world_size=2, rank=1)
+        assert [len(rank1.micro_batches(s)) for s in range(4)] == [1, 0, 1, 0]
     args = [
         "--instruct", str(data["instruct_train"]), "--images", str(data["images"]), "--init", str(stage1[0]),
         "--max-steps", "4", "--learning-rate", "1e-2", "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0",
-        "--train-projector", "--projector-lr", "3e-3", "--global-batch-size", "4", "--micro-batch-size", "1",
-        "--save-every", "2", "--no-progress",
+        "--train-projector", "--projector-lr", "3e-3", "--global-batch-size", str(global_batch_size),
+        "--micro-batch-size", "1", "--save-every", "2", "--no-progress",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, "-m", "mmgpt.training.finetune", *args, "--out", str(tmp_path / "one")],
-                            env=env, capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr[-3000:]
-    dp = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "mmgpt.training.finetune", *args, "--out", str(tmp_path / "two")],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert dp.returncode == 0, dp.stderr[-3000:]
-    one, two = common.read_metrics(tmp_path / "one"), common.read_metrics(tmp_path / "two")
+    _run([sys.executable, "-m", "mmgpt.training.finetune", *args, "--out", str(tmp_path / "one")], env, tmp_path / "one.log")
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+          "-m", "mmgpt.training.finetune", *args, "--out", str(tmp_path / "two")], env, tmp_path / "two.log")
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [r["targets"] for r in one] == [r["targets"] for r in two]
     assert all(r["lr_projector"] / r["lr"] == pytest.approx(0.3) for r in one if r["lr"])
     torch.testing.assert_close(torch.tensor([r["loss"] for r in two]), torch.tensor([r["loss"] for r in one]), rtol=1e-5, atol=1e-6)
@@ -282,7 +311,7 @@ def test_stage2_checkpoint_exports(stage2, tmp_path):
 def test_gradient_checkpointing_recomputes_and_changes_nothing(data, stage1, tmp_path):
     c = load_checkpoint(stage1[0], load_whisper=False)
     c.model.requires_grad_(False)
-    common.enable_gradient_checkpointing(c.model.llm)
+    enable_gradient_checkpointing(c.model.llm)
     finetune.apply_lora(c.model, finetune.lora_config(4, 8, 0.0, finetune.PHI_LORA_TARGETS))
     calls = []
     c.model.llm.get_base_model().model.layers[0].mlp.register_forward_pre_hook(lambda *a: calls.append(1))

@@ -11,7 +11,6 @@ import torch
 
 from mmgpt.config import MMGPTConfig
 from mmgpt.template import IGNORE_INDEX, Encoded, Message
-from mmgpt.training import common
 from mmgpt.training.collate import (
     CAPTION_INSTRUCTION,
     CachedFeatures,
@@ -24,6 +23,8 @@ from mmgpt.training.collate import (
 )
 from mmgpt.training.data import CaptionSample, load_llava_instruct
 from mmgpt.training.feature_cache import FeatureCache
+from mmgpt.training.loop import loss_sum
+from mmgpt.training.runtime import Runtime
 from mmgpt.training.sample_data import Scene, draw_scene
 
 M = IGNORE_INDEX
@@ -181,11 +182,11 @@ def test_padding_and_masked_positions_do_not_change_the_loss(tiny_components, im
     short = _ex(tok, cfg, "Red.", 391895, image_dir / "COCO_train2014_000000391895.jpg")
     long = _ex(tok, cfg, "A small blue square on the left of a black background.", 522418, image_dir / "000000522418.jpg")
     collate = Collator(tok.pad_token_id, tok.eos_token_id, LivePixels(c.image_processor, cfg.image_size))
-    rt = common.Runtime(0, 1, 0, torch.device("cpu"), torch.float32)
+    rt = Runtime(0, 1, 0, torch.device("cpu"), torch.float32)
     with torch.no_grad():
-        alone_s, n_s = common.loss_sum(c.model, collate([short]), rt)
-        alone_l, n_l = common.loss_sum(c.model, collate([long]), rt)
-        both, n = common.loss_sum(c.model, collate([short, long]), rt)
+        alone_s, n_s = loss_sum(c.model, collate([short]), rt)
+        alone_l, n_l = loss_sum(c.model, collate([long]), rt)
+        both, n = loss_sum(c.model, collate([short, long]), rt)
     assert n == n_s + n_l == short.num_targets + long.num_targets
     assert torch.allclose(both, alone_s + alone_l, rtol=1e-5)
     assert n_s == len(enc(tok, " Red.")) + 1  # the answer and its end token are the only targets
@@ -198,9 +199,9 @@ def test_text_only_conversation_batches_with_image_ones(tiny_components, image_d
     text_only = _ex(tok, cfg, "Hello.", None, None)
     assert not any(t >= cfg.llm_vocab_size for t in text_only.input_ids)
     batch = Collator(tok.pad_token_id, tok.eos_token_id, LivePixels(c.image_processor, cfg.image_size))([with_image, text_only])
-    rt = common.Runtime(0, 1, 0, torch.device("cpu"), torch.float32)
+    rt = Runtime(0, 1, 0, torch.device("cpu"), torch.float32)
     with torch.no_grad():
-        summed, n = common.loss_sum(c.model, batch, rt)
+        summed, n = loss_sum(c.model, batch, rt)
     assert torch.isfinite(summed) and n == with_image.num_targets + text_only.num_targets
 
 
@@ -214,10 +215,10 @@ def test_patch_features_without_cls_and_cache_matches_live(tiny_components, imag
     assert feats.shape == (1, cfg.num_image_tokens, cfg.vision_hidden_size)  # CLS dropped: one token per patch
     cache = FeatureCache(tmp_path / "cache", cfg.num_image_tokens, cfg.vision_hidden_size, source="t")
     cache.add_batch([ex.image_key], feats)
-    rt = common.Runtime(0, 1, 0, torch.device("cpu"), torch.float32)
+    rt = Runtime(0, 1, 0, torch.device("cpu"), torch.float32)
     with torch.no_grad():
-        a, _ = common.loss_sum(c.model, Collator(tok.pad_token_id, tok.eos_token_id, live)([ex]), rt)
-        b, _ = common.loss_sum(c.model, Collator(tok.pad_token_id, tok.eos_token_id, CachedFeatures(cache))([ex]), rt)
+        a, _ = loss_sum(c.model, Collator(tok.pad_token_id, tok.eos_token_id, live)([ex]), rt)
+        b, _ = loss_sum(c.model, Collator(tok.pad_token_id, tok.eos_token_id, CachedFeatures(cache))([ex]), rt)
     assert torch.allclose(a, b, rtol=2e-3)  # fp16 cache
 
 

@@ -28,21 +28,23 @@ from mmgpt.generation import SamplingParams, generate_text
 from mmgpt.inference import TorchLLM
 from mmgpt.template import Message, encode_conversation
 
-from . import common
+from .cli import UsageError, cli
 from .collate import Collator, LivePixels, build_examples, caption_messages, instruct_messages, load_pixels
 from .data import group_captions, load_coco_captions, load_llava_instruct
+from .loop import loss_sum
 from .metrics import compute_caption_metrics
+from .runtime import Runtime, seed_everything, setup_runtime, teardown
 
 logger = logging.getLogger("mmgpt.training.evaluate")
 
 
 @torch.no_grad()
-def answer_loss(c: Components, examples, rt: common.Runtime, batch_size: int, progress: bool) -> dict[str, float]:
+def answer_loss(c: Components, examples, rt: Runtime, batch_size: int, progress: bool) -> dict[str, float]:
     """Mean cross-entropy over supervised tokens, and its exp (perplexity)."""
     collator = Collator(c.tokenizer.pad_token_id, c.tokenizer.eos_token_id, LivePixels(c.image_processor, c.config.image_size))
     total, count = 0.0, 0
     for start in tqdm(range(0, len(examples), batch_size), desc="held-out loss", disable=not progress):
-        summed, n = common.loss_sum(c.model, collator(examples[start : start + batch_size]), rt)
+        summed, n = loss_sum(c.model, collator(examples[start : start + batch_size]), rt)
         total += float(summed)
         count += n
     loss = total / count
@@ -100,11 +102,11 @@ def main(
         progress: show progress bars.
     """
     if instruct is None and captions is None:
-        raise common.UsageError("give --instruct (LLaVA format) and/or --captions (COCO format) to evaluate on")
-    rt = common.setup_runtime()
+        raise UsageError("give --instruct (LLaVA format) and/or --captions (COCO format) to evaluate on")
+    rt = setup_runtime()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    common.seed_everything(0)
+    seed_everything(0)
     c = load_checkpoint(checkpoint, dtype=rt.dtype, device=rt.device, load_whisper=False)
     c.model.eval()
     length = max_length or c.config.max_context
@@ -148,9 +150,9 @@ def main(
             extra = f", BLEU-4 {r['bleu4']:.4f}, CIDEr {r['cider']:.4f}" if "bleu4" in r else ""
             logger.info("%s: loss %.4f, perplexity %.2f%s", split, r["loss"], r["perplexity"], extra)
     print(json.dumps({k: v for k, v in report.items() if k != "checkpoint"}, indent=1, default=float))
-    common.teardown(rt)
+    teardown(rt)
     return report
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    cli(main)

@@ -21,9 +21,19 @@ import torch
 
 from mmgpt.checkpoint import load_checkpoint, resolve_source, save_checkpoint
 
-from . import common
+from .cli import UsageError, cli
 from .collate import Collator, build_examples
 from .data import load_llava_instruct
+from .loop import settings_from, train
+from .prepare import (
+    components_to_save,
+    enable_gradient_checkpointing,
+    image_source,
+    prepare_precision,
+    start_checkpoint,
+)
+from .runtime import Runtime, seed_everything, setup_runtime, teardown
+from .train_state import prepare_out
 
 logger = logging.getLogger("mmgpt.training.finetune")
 
@@ -44,17 +54,17 @@ def apply_lora(model, config) -> None:
     model.llm = get_peft_model(model.llm, config)
 
 
-def check_qlora(rt: common.Runtime) -> None:
+def check_qlora(rt: Runtime) -> None:
     if rt.device.type != "cuda" or importlib.util.find_spec("bitsandbytes") is None:
         have = "a CUDA GPU" if rt.device.type == "cuda" else "no CUDA GPU"
-        raise common.UsageError(
+        raise UsageError(
             f"--qlora needs a CUDA GPU and bitsandbytes (pip install -e '.[gpu]'); this machine has {have}"
             f"{'' if importlib.util.find_spec('bitsandbytes') else ' and no bitsandbytes'}. "
             "Train without --qlora: LoRA on the full-precision model (bf16 on a GPU, fp32 on CPU)."
         )
 
 
-def load_llm_4bit(start: Path, source: str, rt: common.Runtime):
+def load_llm_4bit(start: Path, source: str, rt: Runtime):
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig, PhiForCausalLM
 
@@ -137,41 +147,41 @@ def main(
         progress: show progress bars.
     """
     args = dict(locals())
-    settings = common.settings_from(args)
-    rt = common.setup_runtime()
+    settings = settings_from(args)
+    rt = setup_runtime()
     if qlora:
         check_qlora(rt)
-    common.seed_everything(seed)
+    seed_everything(seed)
     samples, _ = load_llava_instruct(instruct, images, strict=strict)
-    common.prepare_out(out, rt.is_main)
+    prepare_out(out, rt.is_main)
     lcfg = lora_config(lora_r, lora_alpha, lora_dropout, lora_targets)
     try:
-        with common.start_checkpoint(preset, init, seed) as start:
+        with start_checkpoint(preset, init, seed) as start:
             c = load_checkpoint(start, dtype=rt.dtype, device=rt.device, load_whisper=False)
             if qlora:
                 if c.config.llm_adapter:
-                    raise common.UsageError(f"--qlora: {start} carries a LoRA adapter; merge it first (finetune --merge)")
+                    raise UsageError(f"--qlora: {start} carries a LoRA adapter; merge it first (finetune --merge)")
                 c.model.llm = load_llm_4bit(start, c.config.llm_source, rt)
                 if rt.device.type == "cuda":
                     torch.cuda.empty_cache()
             model = c.model
             model.requires_grad_(False)
             if gradient_checkpointing:
-                common.enable_gradient_checkpointing(model.llm)
+                enable_gradient_checkpointing(model.llm)
             apply_lora(model, lcfg)
             model.projector.requires_grad_(train_projector)
-            common.prepare_precision(model)
+            prepare_precision(model)
             examples = build_examples(samples, c.tokenizer, c.config, max_length or c.config.max_context)
-            source = common.image_source(c, examples, feature_cache, rt, progress=progress)
+            source = image_source(c, examples, feature_cache, rt, progress=progress)
             collator = Collator(c.tokenizer.pad_token_id, c.tokenizer.eos_token_id, source)
             lora_params = [p for n, p in model.llm.named_parameters() if p.requires_grad]
             groups = [{"params": lora_params, "lr": learning_rate}]
             if train_projector:
                 groups.append({"params": list(model.projector.parameters()), "lr": projector_lr})
-            common.train(model, groups, examples, collator, settings, rt, args, title="stage 2: LoRA")
+            train(model, groups, examples, collator, settings, rt, args, title="stage 2: LoRA")
             if rt.is_main:
                 model.eval()
-                final = common.components_to_save(c, start, lambda m: apply_lora(m, lcfg))
+                final = components_to_save(c, start, lambda m: apply_lora(m, lcfg))
                 save_checkpoint(final, out)
                 if merge:
                     final.model.llm = final.model.llm.merge_and_unload()
@@ -179,9 +189,9 @@ def main(
                 logger.info("stage 2 checkpoint written to %s%s", out, " (LLM merged)" if merge else "")
             rt.barrier()
     finally:
-        common.teardown(rt)
+        teardown(rt)
     return Path(out)
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    cli(main)

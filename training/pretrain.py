@@ -16,9 +16,20 @@ from pathlib import Path
 
 from mmgpt.checkpoint import load_checkpoint, save_checkpoint
 
-from . import common
+from .cli import cli
 from .collate import Collator, build_examples
 from .data import load_coco_captions
+from .loop import settings_from, train
+from .prepare import (
+    components_to_save,
+    enable_gradient_checkpointing,
+    freeze_except,
+    image_source,
+    prepare_precision,
+    start_checkpoint,
+)
+from .runtime import seed_everything, setup_runtime, teardown
+from .train_state import prepare_out
 
 logger = logging.getLogger("mmgpt.training.pretrain")
 
@@ -77,33 +88,33 @@ def main(
         progress: show progress bars.
     """
     args = dict(locals())
-    settings = common.settings_from(args)
-    rt = common.setup_runtime()
-    common.seed_everything(seed)
+    settings = settings_from(args)
+    rt = setup_runtime()
+    seed_everything(seed)
     samples, _ = load_coco_captions(captions, images, strict=strict)
-    common.prepare_out(out, rt.is_main)
+    prepare_out(out, rt.is_main)
     try:
-        with common.start_checkpoint(preset, init, seed, projector_type=projector_type) as start:
+        with start_checkpoint(preset, init, seed, projector_type=projector_type) as start:
             c = load_checkpoint(start, dtype=rt.dtype, device=rt.device, load_whisper=False)
             model = c.model
-            common.freeze_except(model, [model.projector])
-            common.prepare_precision(model)
+            freeze_except(model, [model.projector])
+            prepare_precision(model)
             if gradient_checkpointing:
-                common.enable_gradient_checkpointing(model.llm)
+                enable_gradient_checkpointing(model.llm)
             examples = build_examples(samples, c.tokenizer, c.config, max_length or c.config.max_context)
-            source = common.image_source(c, examples, feature_cache, rt, progress=progress)
+            source = image_source(c, examples, feature_cache, rt, progress=progress)
             collator = Collator(c.tokenizer.pad_token_id, c.tokenizer.eos_token_id, source)
             groups = [{"params": list(model.projector.parameters()), "lr": learning_rate}]
-            common.train(model, groups, examples, collator, settings, rt, args, title="stage 1: projector")
+            train(model, groups, examples, collator, settings, rt, args, title="stage 1: projector")
             if rt.is_main:
                 model.eval()
-                save_checkpoint(common.components_to_save(c, start), out)
+                save_checkpoint(components_to_save(c, start), out)
                 logger.info("stage 1 checkpoint written to %s", out)
             rt.barrier()
     finally:
-        common.teardown(rt)
+        teardown(rt)
     return Path(out)
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    cli(main)
