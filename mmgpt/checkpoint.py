@@ -86,6 +86,10 @@ def load_checkpoint(
         whisper = WhisperForConditionalGeneration.from_pretrained(wsrc, **common).to(device).eval()
         feature_extractor = WhisperFeatureExtractor.from_pretrained(wsrc)
         wtok = AutoTokenizer.from_pretrained(wsrc)
+        from mmgpt.speech import check_prompt
+
+        # A config edited by hand must not say one prompt and feed Whisper another.
+        check_prompt(config.speech, wtok, whisper.config.max_target_positions)
     return Components(config, model, tokenizer, image_processor, whisper, feature_extractor, wtok, directory)
 
 

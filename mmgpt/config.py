@@ -20,13 +20,22 @@ PROJECTOR_TYPES = ("linear", "mlp2x_gelu")
 
 @dataclass(frozen=True)
 class SpeechConfig:
-    """How Whisper is prompted and stopped. Kept here so ONNX and PyTorch decode the same way."""
+    """How Whisper is prompted and stopped. Kept here so ONNX and PyTorch decode the same way.
 
-    prompt_ids: tuple[int, ...]  # <|startoftranscript|> <|en|> <|transcribe|> <|notimestamps|>
+    Build it with `mmgpt.speech.make_speech_config(tokenizer, ...)`: `prompt_ids` is then exactly
+    `initial_prompt` tokenized as Whisper's previous text followed by the start sequence, so the two
+    cannot disagree (`mmgpt.speech.check_prompt` verifies a loaded one).
+    """
+
+    # The whole decoder prefix, fed at once before the first generated token:
+    # [<|startofprev|> " " + initial_prompt tokens]  <|startoftranscript|> [<|en|> <|transcribe|>] <|notimestamps|>
+    prompt_ids: tuple[int, ...]
     eot_id: int
-    max_tokens: int = 96
+    max_tokens: int = 96  # generated tokens; with prompt_ids within the decoder's positions (448 for Whisper)
     suppress_ids: tuple[int, ...] = ()  # never emitted (Whisper's generation_config.suppress_tokens)
     begin_suppress_ids: tuple[int, ...] = ()  # not emitted as the first token
+    # Previous-text prompt, readable (e.g. the domain's vocabulary): biases spelling, never in the transcript.
+    initial_prompt: str = ""
 
 
 @dataclass(frozen=True)
