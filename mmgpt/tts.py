@@ -217,7 +217,9 @@ def resolve_voice(voice: str) -> str:
 
 
 def synthesize(text: str, voice: str = "en-us", *, rate: int = DEFAULT_RATE, pitch: int = DEFAULT_PITCH) -> tuple[np.ndarray, int]:
-    """Text -> (float32 mono samples in [-1, 1], sample rate (22050)). Deterministic.
+    """Text -> (float32 mono samples in [-1, 1], sample rate (22050)). Deterministic, except with the
+    variants that add breath noise ("f2", "f3", "f5", "whisper", ...; their voice files set `breath`):
+    espeak-ng's noise is not seeded the same in every process, so their samples differ between runs.
 
     `voice` is a name from `english_voices()` with an optional "+variant"; `rate` in words per minute
     (80..450), `pitch` 0..100."""
