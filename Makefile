@@ -17,8 +17,9 @@ HTTP_PORT ?= 8000
 METRICS_PORT ?= 8002
 PRESET ?= tiny
 MAX_STEPS ?=
+TOY_DIR ?= runs/toy
 
-.PHONY: help install test lint export serve demo pretrain finetune eval clean
+.PHONY: help install test lint export serve demo pretrain finetune eval toy toy-eval clean
 
 help:
 	@echo "make install                  create .venv with everything for a CPU machine"
@@ -30,6 +31,8 @@ help:
 	@echo "make pretrain PRESET=.. CAPTIONS=.. IMAGES=.. OUT=.. [MAX_STEPS=N]   stage 1 (projector)"
 	@echo "make finetune PRESET=.. INSTRUCT=.. IMAGES=.. INIT=.. OUT=.. [MAX_STEPS=N]  stage 2 (LoRA)"
 	@echo "make eval CHECKPOINT=.. [INSTRUCT=..|CAPTIONS=..] IMAGES=.. OUT=..   held-out loss, samples, BLEU-4/CIDEr"
+	@echo "make toy [TOY_DIR=runs/toy]    rebuild the embedded default from scratch (world, models, stage 1+2) into mmgpt/assets/toy"
+	@echo "make toy-eval                  accuracy of the embedded default in-process and through tritonserver (gates)"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +66,12 @@ finetune: install
 
 eval: install
 	$(PY) -m mmgpt.training.evaluate --checkpoint $(CHECKPOINT) $(if $(INSTRUCT),--instruct $(INSTRUCT)) $(if $(CAPTIONS),--captions $(CAPTIONS)) --images $(IMAGES) --out $(OUT)
+
+toy: install
+	$(PY) -m mmgpt.toy.build --out $(TOY_DIR)
+
+toy-eval: install
+	$(PY) -m mmgpt.toy.evaluate
 
 clean:
 	rm -rf artifacts build

@@ -13,7 +13,7 @@ from mmgpt import names
 
 def main(checkpoint: str | None = None, out: str = "artifacts/export", int8: bool = False, gpu: bool = False,
          only: tuple[str, ...] = ("vision", "llm", "whisper")) -> Path:
-    """Export a checkpoint (default: the embedded tiny default) to ONNX, each part checked against PyTorch.
+    """Export a checkpoint (default: the embedded default, the trained toy world) to ONNX, each part checked against PyTorch.
 
     Writes only into `out`, which is replaced whole so no stale file survives a re-export.
     """
@@ -66,7 +66,7 @@ def cli(argv: list[str] | None = None) -> int:
     from mmgpt.export.common import ParityError
 
     p = argparse.ArgumentParser(prog="python -m mmgpt.export", description=main.__doc__)
-    p.add_argument("--checkpoint", help="checkpoint directory (default: the embedded tiny default)")
+    p.add_argument("--checkpoint", help="checkpoint directory (default: the embedded default, the trained toy world)")
     p.add_argument("--out", default="artifacts/export", help="export directory (default artifacts/export)")
     p.add_argument("--int8", action="store_true", help="also write an int8 dynamically quantized LLM decoder and serve it")
     p.add_argument("--gpu", action="store_true", help="also build TensorRT engines (needs a CUDA GPU)")

@@ -2,7 +2,7 @@
 
     mmgpt ask --text "What is in the picture?" --image cat.jpg
     mmgpt ask --audio question.wav --checkpoint runs/stage2
-    mmgpt init --preset tiny OUT_DIR
+    mmgpt init --preset toy OUT_DIR
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask = sub.add_parser("ask", help="answer one question about an image and/or speech", description=(
         "Answer in PyTorch and print the answer on stdout (the transcript of --audio goes to stderr). "
         "Greedy unless --temperature > 0."))
-    ask.add_argument("--checkpoint", help="checkpoint directory (default: the embedded tiny default)")
+    ask.add_argument("--checkpoint", help="checkpoint directory (default: the embedded default, the trained toy world)")
     ask.add_argument("--image", help="an image file (JPEG/PNG/WebP/BMP/...)")
     ask.add_argument("--audio", help="a WAV/FLAC/OGG file with a spoken question (any rate, any channels)")
     ask.add_argument("--text", default="", help="the written question")
@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.set_defaults(func=cmd_ask)
     init = sub.add_parser("init", help="create a fresh checkpoint from a preset")
     init.add_argument("out", help="directory to write")
-    init.add_argument("--preset", default="tiny", choices=PRESET_NAMES)
+    init.add_argument("--preset", default="toy", choices=PRESET_NAMES,
+                      help="toy: a copy of the trained default; tiny: random weights; phi-2*: from the hub")
     init.add_argument("--projector", default="mlp2x_gelu", choices=("linear", "mlp2x_gelu"))
     init.add_argument("--seed", type=int, default=0)
     init.set_defaults(func=cmd_init)

