@@ -56,8 +56,6 @@ def test_ask_audio_hears_the_demo_question_and_answers_about_the_image():
     assert r.stdout.strip().endswith(".") and len(r.stdout.split()) < 30  # a sentence about the picture
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17: the trained default binds a question to the wrong shape "
-                   "(vqa 0.54 < 0.95); it answers 'The circle is blue.' about the red circle")
 def test_the_default_answers_the_demo_questions_right():
     from mmgpt.serving.demo import asset
     from mmgpt.toy.generate import DEMO_QA, DEMO_SPOKEN

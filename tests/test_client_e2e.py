@@ -151,7 +151,9 @@ def test_closing_the_stream_stops_generation_on_the_server(server: TritonServer,
     assert time.monotonic() - start < 1.0
     after = wait_for_cancel(server, before)
     assert after["mmgpt_llm_cancelled_total"] == before["mmgpt_llm_cancelled_total"] + 1
-    assert after["mmgpt_llm_tokens_total"] - before["mmgpt_llm_tokens_total"] < LONG / 2  # it stopped early
+    generated = after["mmgpt_llm_tokens_total"] - before["mmgpt_llm_tokens_total"]
+    print(f"tokens generated for the cancelled stream: {generated:.0f} of {LONG}")
+    assert generated < LONG / 2  # it stopped early
     assert server.is_ready()
     assert client.ask(QUESTION, image=image, max_tokens=MAX_TOKENS).text == \
         reference.ask(QUESTION, image=image, params=greedy()).text

@@ -181,9 +181,8 @@ def tritonservers_serving(repo: Path) -> list[int]:
 def test_make_demo_from_a_fresh_install(tmp_path: Path) -> None:
     """Empty MMGPT_HOME, export and repository folders: the demo builds the trained default, exports it,
     serves it, asks by text and by voice, prints what the served model answers (the in-process answers of
-    the checkpoint it built) and what the real Whisper heard; then it stops the server. Whether those
-    answers are right is `test_cli.py::test_the_default_answers_the_demo_questions_right`."""
-    from mmgpt.toy.generate import DEMO_SPOKEN
+    the checkpoint it built, and right) and what the real Whisper heard; then it stops the server."""
+    from mmgpt.toy.generate import DEMO_QA, DEMO_SPOKEN
     from mmgpt.toy.world import normalize
 
     env = {**os.environ, "MMGPT_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -201,7 +200,8 @@ def test_make_demo_from_a_fresh_install(tmp_path: Path) -> None:
     assert "RANDOM weights" not in out
     answers = [line.removeprefix("  answer:   ") for line in out.splitlines() if line.startswith("  answer:   ")]
     heard = [line.removeprefix("  heard:    ") for line in out.splitlines() if line.startswith("  heard:    ")]
-    assert len(answers) == 3 and [normalize(h) for h in heard] == [normalize(DEMO_SPOKEN[0])]
+    assert [normalize(a) for a in answers] == [normalize(a) for _, a in DEMO_QA] + [normalize(DEMO_SPOKEN[1])]
+    assert [normalize(h) for h in heard] == [normalize(DEMO_SPOKEN[0])]
     assert "stopping tritonserver" in out and "demo finished" in out
     assert tritonservers_serving(tmp_path / "triton_repo") == []
 
