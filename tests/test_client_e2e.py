@@ -139,21 +139,40 @@ def wait_for_cancel(server: TritonServer, before: dict[str, float], timeout: flo
 
 
 LONG = 480  # tokens the cancelled requests ask for; the model's random weights never stop early
+# Tokens the server may still generate after the client has closed its stream: the entry point looks for
+# the cancellation before it forwards each token, and the LLM drops a stopped row at its next iteration,
+# so it is a step or two; the rest is room for a machine that is busy with something else.
+CANCEL_BOUND = 32
 
 
 def test_closing_the_stream_stops_generation_on_the_server(server: TritonServer, client: MMGPTClient,
                                                            reference) -> None:
+    """Generation stops within CANCEL_BOUND tokens of the client closing its stream, whatever the load.
+
+    What is bounded is generation *after* the close. A server streams as fast as it generates, so on a busy
+    machine it is already far ahead when a slow client reads its first piece (seen: 201 of 480 tokens
+    generated before the client's first read, then 5 more after its close): counting from the request's
+    start measured the client's delay, not the cancellation."""
     image = asset("demo.png").read_bytes()
-    before = llm_counters(server)
-    with client.stream(QUESTION, image=image, max_tokens=LONG) as answer:
-        next(answer)
-        start = time.monotonic()
-    assert time.monotonic() - start < 1.0
-    after = wait_for_cancel(server, before)
-    assert after["mmgpt_llm_cancelled_total"] == before["mmgpt_llm_cancelled_total"] + 1
-    generated = after["mmgpt_llm_tokens_total"] - before["mmgpt_llm_tokens_total"]
-    print(f"tokens generated for the cancelled stream: {generated:.0f} of {LONG}")
-    assert generated < LONG / 2  # it stopped early
+    for _ in range(3):
+        before = llm_counters(server)
+        with client.stream(QUESTION, image=image, max_tokens=LONG) as answer:
+            next(answer)
+            start = time.monotonic()
+        assert time.monotonic() - start < 1.0
+        at_close = llm_counters(server)
+        ahead = at_close["mmgpt_llm_tokens_total"] - before["mmgpt_llm_tokens_total"]
+        if ahead + CANCEL_BOUND >= LONG:  # it had (nearly) finished before the close: nothing to judge by
+            wait_for_cancel(server, before, timeout=2.0)
+            continue
+        after = wait_for_cancel(server, before)
+        assert after["mmgpt_llm_cancelled_total"] == before["mmgpt_llm_cancelled_total"] + 1
+        later = after["mmgpt_llm_tokens_total"] - at_close["mmgpt_llm_tokens_total"]
+        print(f"tokens generated for the cancelled stream: {ahead:.0f} before the close, {later:.0f} after")
+        assert later <= CANCEL_BOUND
+        break
+    else:
+        pytest.fail(f"the server finished all {LONG} tokens before the client could close its stream, 3 times")
     assert server.is_ready()
     assert client.ask(QUESTION, image=image, max_tokens=MAX_TOKENS).text == \
         reference.ask(QUESTION, image=image, params=greedy()).text
