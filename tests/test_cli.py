@@ -97,3 +97,40 @@ def test_bad_inputs_exit_with_a_message(files):
     assert r.returncode != 0 and "not found" in r.stderr
     r = run("ask")
     assert r.returncode != 0 and "--text" in r.stderr
+
+
+def test_speech_points_a_checkpoint_at_another_whisper_and_prompt(tmp_path, tiny_checkpoint):
+    import shutil
+
+    from mmgpt.config import MMGPTConfig
+    from mmgpt.speech import word_error_rate
+    from mmgpt.tts import synthesize_wav
+    from mmgpt.whisper_ct2 import tiny_en_dir, tiny_en_speech_config
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    before = (ckpt / "mmgpt_config.json").read_text()
+    length = MMGPTConfig.load(ckpt).speech.max_tokens  # the transcript's length limit is the checkpoint's
+    # Not a Whisper: refused with a message, and the checkpoint is left as it was.
+    r = run("speech", str(ckpt), "--whisper", str(ckpt / "vision"))
+    assert r.returncode == 2 and "not a Whisper" in r.stderr, r.stderr
+    assert (ckpt / "mmgpt_config.json").read_text() == before
+
+    prompt = "Is the heart red? Count the squares."
+    r = run("speech", str(ckpt), "--whisper", "tiny.en", "--prompt", prompt)
+    assert r.returncode == 0, r.stderr
+    config = MMGPTConfig.load(ckpt)
+    assert config.whisper_source == str(tiny_en_dir())
+    assert config.speech == tiny_en_speech_config(initial_prompt=prompt, max_tokens=length)
+    # The random tiny Whisper would babble; the checkpoint now hears English with the real tiny.en.
+    said = "Please bring the blue umbrella tomorrow."
+    (tmp_path / "q.wav").write_bytes(synthesize_wav(said, "en-us"))
+    r = run("ask", "--checkpoint", str(ckpt), "--audio", str(tmp_path / "q.wav"), "--max-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    heard = next(line.removeprefix("[heard] ") for line in r.stderr.splitlines() if line.startswith("[heard] "))
+    assert word_error_rate([said], [heard]) <= 0.2, heard
+
+    r = run("speech", str(ckpt), "--prompt", "")  # the prompt goes, the Whisper stays
+    assert r.returncode == 0, r.stderr
+    assert MMGPTConfig.load(ckpt).speech == tiny_en_speech_config(max_tokens=length)
+    assert run("speech", str(ckpt)).returncode != 0

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mmgpt.config import MMGPTConfig, SpeechConfig
+from mmgpt.speech import speech_config_for
 from mmgpt.template import IGNORE_INDEX, Message, encode_for
 
 logger = logging.getLogger("mmgpt.toy.foundation")
@@ -513,21 +514,6 @@ def write_base(out: Path, arch: ToyArch, tokenizer, vision, processor, llm, whis
     return save_checkpoint(c, out, save_all=True)
 
 
-def whisper_speech_config(whisper: Path, initial_prompt: str) -> SpeechConfig:
-    """How the Whisper in folder `whisper` is prompted and stopped, from its own generation config."""
-    from transformers import AutoTokenizer
-
-    from mmgpt.speech import make_speech_config
-
-    gen = json.loads((whisper / "generation_config.json").read_text())
-    cfg = json.loads((whisper / "config.json").read_text())
-    return make_speech_config(
-        AutoTokenizer.from_pretrained(whisper), initial_prompt=initial_prompt,
-        language="en" if gen["is_multilingual"] else None, max_positions=cfg["max_target_positions"],
-        suppress_ids=gen["suppress_tokens"], begin_suppress_ids=gen["begin_suppress_tokens"],
-    )
-
-
 def main(
     world: Path,
     whisper: Path,
@@ -571,7 +557,7 @@ def main(
     t0 = time.perf_counter()
     world, out, whisper = Path(world), Path(out), Path(whisper)
     arch = ToyArch()
-    speech = whisper_speech_config(whisper, initial_prompt)
+    speech = speech_config_for(str(whisper), initial_prompt)
     tokenizer = train_tokenizer(tokenizer_texts(world), arch.vocab_size)
     vision, processor, vision_losses = train_vision(
         world, tokenizer, arch, steps=vision_steps, batch_size=vision_batch_size, lr=vision_lr, seed=seed,
