@@ -183,18 +183,24 @@ def test_ctrl_c_on_the_command_line_returns_promptly_and_the_server_keeps_servin
 ) -> None:
     """SIGINT mid-answer: exit 130 at once. (That the cancel reaches the model is shown with a slow stand-in
     model in test_client_triton.py: here the tiny model may finish its answer before the signal lands.)"""
-    proc = subprocess.Popen(client_cmd(server, "ask", "--text", QUESTION, "--max-tokens", str(LONG)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        proc.stdout.read(1)  # an answer is streaming
-        proc.send_signal(signal.SIGINT)
-        start = time.monotonic()
-        proc.wait(timeout=10)
-        assert time.monotonic() - start < 2 and proc.returncode == 130
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    for _ in range(3):
+        proc = subprocess.Popen(client_cmd(server, "ask", "--text", QUESTION, "--max-tokens", str(LONG)),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None
+            proc.stdout.read(1)  # an answer is streaming
+            proc.send_signal(signal.SIGINT)
+            start = time.monotonic()
+            proc.wait(timeout=10)
+            if proc.returncode == 0:  # the whole answer had arrived before the signal: nothing to judge by
+                continue
+            assert time.monotonic() - start < 2 and proc.returncode == 130
+            break
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    else:
+        pytest.fail("the answer finished before SIGINT could land, 3 times")
     assert server.is_ready() and client.health().ok
     assert client.ask(QUESTION, max_tokens=MAX_TOKENS).text == reference.ask(QUESTION, params=greedy()).text
