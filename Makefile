@@ -11,6 +11,7 @@ FROM ?=
 EXPORT_DIR ?= artifacts/export
 REPO_DIR ?= artifacts/triton_repo
 INT8 ?= 0
+INT4 ?= 0
 HOST ?= 127.0.0.1
 GRPC_PORT ?= 8001
 HTTP_PORT ?= 8000
@@ -18,14 +19,16 @@ METRICS_PORT ?= 8002
 PRESET ?= tiny
 MAX_STEPS ?=
 TOY_DIR ?= runs/toy
+BENCH_DIR ?= artifacts/bench
+BENCH_ARGS ?=
 
-.PHONY: help install test lint export serve demo pretrain finetune eval toy toy-eval clean
+.PHONY: help install test lint export serve demo pretrain finetune eval toy toy-eval bench clean
 
 help:
 	@echo "make install                  create .venv with everything for a CPU machine"
 	@echo "make test                     run the whole test suite (offline)"
 	@echo "make lint                     ruff"
-	@echo "make export [FROM=dir] [INT8=1]  export vision/LLM/Whisper to ONNX into $(EXPORT_DIR), with parity checks"
+	@echo "make export [FROM=dir] [INT8=1|INT4=1]  export vision/LLM/Whisper to ONNX into $(EXPORT_DIR), with parity checks"
 	@echo "make serve                    run tritonserver on the exported repository (127.0.0.1; GRPC_PORT/HTTP_PORT/METRICS_PORT)"
 	@echo "make demo                     export if needed, serve, ask about an image and a spoken question, stop"
 	@echo "make pretrain PRESET=.. CAPTIONS=.. IMAGES=.. OUT=.. [MAX_STEPS=N]   stage 1 (projector)"
@@ -33,6 +36,7 @@ help:
 	@echo "make eval CHECKPOINT=.. [INSTRUCT=..|CAPTIONS=..] IMAGES=.. OUT=..   held-out loss, samples, BLEU-4/CIDEr"
 	@echo "make toy [TOY_DIR=runs/toy]    rebuild the embedded default from scratch (world, models, stage 1+2) into mmgpt/assets/toy"
 	@echo "make toy-eval                  accuracy of the embedded default in-process and through tritonserver (gates)"
+	@echo "make bench [BENCH_ARGS=..]     speed at Phi-2 width against transformers, llama.cpp, CTranslate2 (one run; $(BENCH_DIR))"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,7 +53,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 export: install
-	$(PY) -m mmgpt.export $(if $(FROM),--checkpoint $(FROM)) --out $(EXPORT_DIR) $(if $(filter 1,$(INT8)),--int8)
+	$(PY) -m mmgpt.export $(if $(FROM),--checkpoint $(FROM)) --out $(EXPORT_DIR) $(if $(filter 1,$(INT8)),--int8) $(if $(filter 1,$(INT4)),--int4)
 
 serve: install
 	$(PY) -m mmgpt.serving.launch --export-dir $(EXPORT_DIR) --repo-dir $(REPO_DIR) --host $(HOST) \
@@ -72,6 +76,14 @@ toy: install
 
 toy-eval: install
 	$(PY) -m mmgpt.toy.evaluate
+
+# llama-cpp-python compiles llama.cpp from source on first install (~5-12 min on 2 cores); not part of `install`
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	touch $@
+
+bench: $(VENV)/.bench-installed
+	$(PY) -m mmgpt.bench --out $(BENCH_DIR) $(BENCH_ARGS)
 
 clean:
 	rm -rf artifacts build

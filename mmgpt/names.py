@@ -11,6 +11,7 @@ VISION_TRT = "encoder.plan"
 LLM_DIR = "llm"
 LLM_ONNX = "decoder.onnx"
 LLM_INT8_ONNX = "decoder.int8.onnx"  # `make export INT8=1`: dynamic int8 quantization
+LLM_INT4_ONNX = "decoder.int4.onnx"  # `make export INT4=1`: weight-only 4-bit (MatMulNBits)
 LLM_EMBED = "embed_tokens.safetensors"  # (V, D) token embedding table, key EMBED_KEY
 EMBED_KEY = "embed_tokens"
 WHISPER_DIR = "whisper"

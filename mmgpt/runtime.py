@@ -86,7 +86,8 @@ class OrtLLMModel:
         return splice_numpy(input_ids, self.embed_table, prompt_table, self.vocab_size)
 
     def run(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: list[np.ndarray]):
-        """(B, T, D), (B, P+T), (B, T), 2*L x (B, H, P, hd) -> logits (B, T, V), present 2*L x (B, H, P+T, hd)."""
+        """(B, T, D), (B, P+T), (B, T), 2*L x (B, H, P, hd) -> the last position's logits (B, 1, V), present
+        2*L x (B, H, P+T, hd)."""
         feed = {
             names.INPUTS_EMBEDS: inputs_embeds.astype(np.float32),
             names.ATTENTION_MASK: attention_mask.astype(np.int64),

@@ -131,3 +131,27 @@ def _png() -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_int4_switch(tiny_checkpoint, tmp_path):
+    import onnx
+
+    from mmgpt.export.__main__ import main
+    from mmgpt.runtime import OrtLLMModel
+
+    out = main(str(tiny_checkpoint), str(tmp_path / "q4"), only=("llm",), int4=True)
+    rec = json.loads((out / names.LLM_DIR / names.EXPORT_CONFIG).read_text())
+    assert rec["onnx_file"] == names.LLM_INT4_ONNX and rec["precision"].startswith("int4")
+    assert any(p["check"].startswith("int4 ") for p in rec["parity"])
+    graph = onnx.load(str(out / names.LLM_DIR / names.LLM_INT4_ONNX), load_external_data=False).graph
+    ops = {n.op_type for n in graph.node}
+    assert "MatMulNBits" in ops, ops  # weight-only 4-bit blocks, not a de-quantized copy
+    logits = OrtLLMModel(out / names.LLM_DIR).decoder().prefill(np.array([1, 2, 3]), None)
+    assert np.isfinite(logits).all()
+
+
+def test_int8_and_int4_together_are_refused():
+    from mmgpt.export.__main__ import cli
+
+    with pytest.raises(SystemExit):
+        cli(["--int8", "--int4"])

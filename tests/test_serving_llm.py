@@ -312,3 +312,57 @@ def test_response_tokens_reads_streamed_and_error_responses():
     assert response_tokens({}.get) == []  # the bare final flag
     with pytest.raises(LLMError, match="boom"):
         response_tokens({c.LLM_ERROR: np.array([[b"boom"]], object)}.get)
+
+
+# ------------------------------------------------------------------------------------------------
+# Prefix cache
+# ------------------------------------------------------------------------------------------------
+
+
+def _follow_up(first: GenerationRequest, answer: list[int], extra: list[int], table=None, max_tokens: int = 30):
+    ids = np.concatenate([first.input_ids, np.array(answer + extra, np.int64)])
+    table = first.prompt_table if table is None else table
+    return GenerationRequest("r-next", ids, table, SamplingParams(max_tokens=max_tokens), first.end_id, streaming=True)
+
+
+def test_a_next_turn_starts_from_the_cached_conversation_and_answers_the_same(stage, tokenizer):
+    first = make_requests(stage, tokenizer, 2)[0]  # with an image
+    b = stage.batcher(4, prefix_cache_bytes=2**30)
+    s1 = ListSink()
+    b.submit(first, s1)
+    b.run_until_idle()
+    extra = tokenizer.encode("\nUser: and then?\nAssistant:", add_special_tokens=False)
+    second = _follow_up(first, s1.ids, extra)
+    s2 = ListSink()
+    b.submit(second, s2)
+    b.run_until_idle()
+    assert s2.ids == alone(stage, second)  # the same tokens as a full prefill
+    fed = s1.ids if s1.reason == "end" else s1.ids[:-1]  # the last token of a length-cut answer was never fed
+    assert (b.stats.prefix_hits, b.stats.prefix_tokens) == (1, len(first.input_ids) + len(fed))
+
+
+def test_another_image_reuses_the_prefix_only_up_to_the_image(stage, tokenizer):
+    first = make_requests(stage, tokenizer, 1)[0]
+    b = stage.batcher(4, prefix_cache_bytes=2**30)
+    s1 = ListSink()
+    b.submit(first, s1)
+    b.run_until_idle()
+    other = np.random.default_rng(9).standard_normal(first.prompt_table.shape).astype(np.float32)
+    second = _follow_up(first, s1.ids, [], table=other)
+    s2 = ListSink()
+    b.submit(second, s2)
+    b.run_until_idle()
+    assert s2.ids == alone(stage, second)
+    image_at = int(np.nonzero(first.input_ids >= stage.model.vocab_size)[0][0])
+    assert b.stats.prefix_tokens == image_at  # the system prompt and "User: ", not the image's rows
+
+
+def test_prefix_cache_stays_within_its_bytes(stage, tokenizer):
+    requests = make_requests(stage, tokenizer, 6)
+    one_token = 2 * stage.model.num_layers * stage.model.num_kv_heads * stage.model.head_dim * 4
+    bound = 150 * one_token
+    b = stage.batcher(8, prefix_cache_bytes=bound)
+    for r in requests:
+        b.submit(r, ListSink())
+    b.run_until_idle()
+    assert 0 < b.prefix_cache.bytes <= bound and len(b.prefix_cache.entries) < len(requests)

@@ -147,6 +147,19 @@ def test_vision_encodes_a_dynamic_batch_in_one_call(models, exported):
         np.testing.assert_allclose(response.output(c.IMAGE_EMBEDS)[0], exported.image_embeddings(image), atol=1e-5)
 
 
+def test_vision_encodes_a_repeated_image_once_and_counts_it(models, exported):
+    from mmgpt.preprocess import load_image, pixel_values
+
+    model = models[c.VISION]
+    a, b = (pixel_values([load_image(png_bytes(40, 30, seed=s))], exported.image_processor) for s in (7, 8))
+    first = model.execute([make_request({c.PIXEL_VALUES: a})])[0].output(c.IMAGE_EMBEDS)[0]
+    # the same image again, alone and beside a new one in a dynamic batch
+    again, other = model.execute([make_request({c.PIXEL_VALUES: a}), make_request({c.PIXEL_VALUES: b})])
+    np.testing.assert_array_equal(again.output(c.IMAGE_EMBEDS)[0], first)
+    np.testing.assert_allclose(other.output(c.IMAGE_EMBEDS)[0], exported.encode_image(b)[0], atol=1e-5)
+    assert (model.encoded.value(), model.hits.value()) == (2, 1)  # /metrics: a and b encoded, a's repeat a hit
+
+
 # ------------------------------------------------------------------------------------------------
 # multimodal, over the other three
 # ------------------------------------------------------------------------------------------------

@@ -214,6 +214,8 @@ def response_tokens(output: Callable[[str], np.ndarray | None]) -> list[int]:
 class BatchedLM(Protocol):
     """What the batcher needs from a decoder (`mmgpt.runtime.OrtLLMModel` provides it)."""
 
+    vocab_size: int  # ids from here up are image positions
+
     def embed(self, input_ids: np.ndarray, prompt_table: np.ndarray | None) -> np.ndarray: ...
 
     def run(self, inputs_embeds, attention_mask, position_ids, past): ...
@@ -246,6 +248,70 @@ class _Row:
     stop: bool = False
     finished: bool = False
     emitted: list[int] = field(default_factory=list)  # non-streaming rows: everything, sent at the end
+    fed: list[int] = field(default_factory=list)  # tokens fed after the prompt (in the KV cache)
+    table_key: bytes | None = None  # content hash of the prompt table (prefix cache)
+    reason: str | None = None  # how it finished
+
+
+class PrefixCache:
+    """The KV cache of finished sequences, reused by later requests that start with the same tokens.
+
+    A conversation's next turn re-sends everything said so far (the image, the question, the answer), and
+    many requests share a system prompt: prefilled again, each turn would cost as much as the whole
+    conversation. Here a request starts from the longest cached prefix of its prompt and prefills only
+    the rest. Keys and values at a position depend only on the tokens up to it (causal attention), so any
+    prefix of a cached sequence is exact. Image positions are ids that address the request's own prompt
+    table: a prefix may run through them only when the tables are the same (compared by a content hash).
+    Bounded in bytes, least recently used out first; `max_bytes` 0 turns it off.
+    """
+
+    def __init__(self, max_bytes: int, min_tokens: int = 4):
+        from collections import OrderedDict
+
+        self.max_bytes = max_bytes
+        self.min_tokens = min_tokens
+        self.entries: OrderedDict[int, tuple[np.ndarray, bytes | None, list[np.ndarray]]] = OrderedDict()
+        self.bytes = 0
+        self._next = 0
+
+    @staticmethod
+    def table_key(table: np.ndarray | None) -> bytes | None:
+        if table is None:
+            return None
+        import hashlib
+
+        t = np.ascontiguousarray(table, dtype=np.float32)
+        return hashlib.blake2b(t.tobytes(), digest_size=20, person=str(t.shape).encode()[:16]).digest()
+
+    def lookup(self, ids: np.ndarray, table_key: bytes | None, vocab_size: int) -> tuple[int, list[np.ndarray]] | None:
+        """(length, keys/values of ids[:length]) of the longest usable cached prefix, leaving at least one
+        token of `ids` to prefill (its logits start the answer); None below `min_tokens`."""
+        best, best_key = 0, None
+        limit = len(ids) - 1
+        image_at = np.nonzero(ids >= vocab_size)[0]
+        for key, (cached, cached_table, _) in self.entries.items():
+            n = min(len(cached), limit)
+            differ = np.nonzero(cached[:n] != ids[:n])[0]
+            p = int(differ[0]) if differ.size else n
+            if cached_table != table_key and image_at.size:
+                p = min(p, int(image_at[0]))  # the same ids, another image: not the same keys and values
+            if p > best:
+                best, best_key = p, key
+        if best_key is None or best < self.min_tokens:
+            return None
+        self.entries.move_to_end(best_key)
+        return best, [a[:, :, :best] for a in self.entries[best_key][2]]
+
+    def put(self, ids: np.ndarray, table_key: bytes | None, past: list[np.ndarray]) -> None:
+        size = sum(a.nbytes for a in past)
+        if size > self.max_bytes:
+            return
+        self.entries[self._next] = (ids, table_key, past)
+        self._next += 1
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, (_, _, old) = self.entries.popitem(last=False)
+            self.bytes -= sum(a.nbytes for a in old)
 
 
 @dataclass
@@ -256,6 +322,8 @@ class BatcherStats:
     prefills: int = 0  # batched prefill calls
     prefill_rows: int = 0
     tokens: int = 0  # tokens emitted
+    prefix_hits: int = 0  # requests that started from a cached prefix
+    prefix_tokens: int = 0  # prompt tokens not prefilled thanks to it
     cancelled: int = 0
     max_batch: int = 0
 
@@ -271,9 +339,11 @@ class InflightBatcher:
         vocab_limit: int,
         max_context: int,
         on_iteration: Callable[[BatcherStats], None] | None = None,
+        prefix_cache_bytes: int = 0,
     ):
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self.model = model
         self.max_batch = max_batch
         self.vocab_limit = vocab_limit
@@ -295,6 +365,8 @@ class InflightBatcher:
         """Queue a sequence; it joins the batch at the next iteration."""
         budget = min(request.params.max_tokens, self.max_context - len(request.input_ids))
         row = _Row(request, sink, Sampler(request.params, self.vocab_limit), budget)
+        if self.prefix_cache is not None:
+            row.table_key = PrefixCache.table_key(request.prompt_table)
         with self._cond:
             if self._stopped_ids.pop(request.request_id, None) is not None:
                 row.stop = True
@@ -394,6 +466,35 @@ class InflightBatcher:
         return False
 
     def _prefill(self, rows: list[_Row]) -> None:
+        """Rows with a cached prefix prefill the rest of their prompt on top of it, one by one; the others
+        together (below)."""
+        if self.prefix_cache is not None:
+            fresh = []
+            for row in rows:
+                found = self.prefix_cache.lookup(row.request.input_ids, row.table_key, self.model.vocab_size)
+                if found is None:
+                    fresh.append(row)
+                else:
+                    self._prefill_after(row, *found)
+            rows = fresh
+        if rows:
+            self._prefill_batch(rows)
+
+    def _prefill_after(self, row: _Row, cached: int, past: list[np.ndarray]) -> None:
+        ids = row.request.input_ids
+        rest = ids[cached:]
+        mask = np.ones((1, len(ids)), np.int64)
+        positions = np.arange(cached, len(ids), dtype=np.int64)[None]
+        logits, present = self.model.run(self.model.embed(rest[None], _table(row)), mask, positions, past)
+        self.stats.prefills += 1
+        self.stats.prefill_rows += 1
+        self.stats.prefix_hits += 1
+        self.stats.prefix_tokens += cached
+        row.length = len(ids)
+        if self._advance(row, logits[0, -1]):
+            self._join([row], present, mask)
+
+    def _prefill_batch(self, rows: list[_Row]) -> None:
         """Batched prefill of new rows: left-padded to the longest prompt; the survivors join the batch."""
         lengths = [len(r.request.input_ids) for r in rows]
         t = max(lengths)
@@ -419,6 +520,8 @@ class InflightBatcher:
         """One decode step for every row: feed each row's pending token, sample the next."""
         rows = self._rows
         ids = np.array([[r.pending] for r in rows], np.int64)  # (B, 1)
+        for r in rows:
+            r.fed.append(r.pending)
         embeds = self.model.embed(ids, None)
         mask = np.concatenate([self._mask, np.ones((len(rows), 1), np.int64)], axis=1)
         positions = np.array([[r.length] for r in rows], np.int64)
@@ -432,7 +535,19 @@ class InflightBatcher:
             if not self._advance(row, logits[i, -1]):
                 done.append(i)
         if done:
+            if self.prefix_cache is not None:
+                for i in done:
+                    self._remember(i)
             self._remove(done)
+
+    def _remember(self, i: int) -> None:
+        """Keep the keys and values of row i (its real, rightmost columns) for a later request's prefix."""
+        row = self._rows[i]
+        if row.reason not in ("end", "length"):
+            return
+        ids = np.concatenate([row.request.input_ids, np.asarray(row.fed, np.int64)])
+        past = [np.ascontiguousarray(p[i : i + 1, :, -row.length :]) for p in self._past]
+        self.prefix_cache.put(ids, row.table_key, past)
 
     def _advance(self, row: _Row, logits: np.ndarray) -> bool:
         """Sample the row's next token and emit it; False when the row is finished (generate_ids' rules)."""
@@ -456,6 +571,7 @@ class InflightBatcher:
         if row.finished:
             return
         row.finished = True
+        row.reason = reason
         if reason == "cancelled":
             self.stats.cancelled += 1
         try:

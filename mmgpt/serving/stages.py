@@ -19,19 +19,86 @@ def _threads(threads: int) -> int | None:
     return threads or None  # 0 = ONNX Runtime's default (all cores)
 
 
-class VisionStage:
-    """Pixel values -> projected image embeddings, several requests per ONNX Runtime call."""
+class EmbeddingCache:
+    """Image embeddings by a hash of the image's pixel values, least recently used out first, bounded in bytes.
 
-    def __init__(self, export_dir: str | Path, threads: int = 0):
+    A conversation sends its image with every turn, and a popular image comes back from many users: each
+    repeat would cost a whole vision-encoder run (ViT-L/14-336: ~1 s on 2 cores) for the same rows. The key is
+    the preprocessed pixels (the same file always preprocesses to the same pixels), so the cache sits beside
+    the one encoder every entry-point instance calls. `max_bytes` 0 turns it off.
+    """
+
+    def __init__(self, max_bytes: int):
+        from collections import OrderedDict
+
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(pixels: np.ndarray) -> bytes:
+        import hashlib
+
+        p = np.ascontiguousarray(pixels, dtype=np.float32)
+        return hashlib.blake2b(p.tobytes(), digest_size=20, person=str(p.shape).encode()[:16]).digest()
+
+    def get(self, key: bytes) -> np.ndarray | None:
+        found = self.entries.get(key)
+        if found is None:
+            self.misses += 1
+            return None
+        self.entries.move_to_end(key)
+        self.hits += 1
+        return found
+
+    def put(self, key: bytes, embeds: np.ndarray) -> None:
+        if embeds.nbytes > self.max_bytes or key in self.entries:
+            return
+        embeds = embeds.copy()  # a row of a batch's output would keep the whole batch alive
+        embeds.setflags(write=False)  # shared by every request that hits it
+        self.entries[key] = embeds
+        self.bytes += embeds.nbytes
+        while self.bytes > self.max_bytes:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= old.nbytes
+
+
+class VisionStage:
+    """Pixel values -> projected image embeddings, several requests per ONNX Runtime call; images seen
+    recently come from the cache without an encoder run."""
+
+    def __init__(self, export_dir: str | Path, threads: int = 0, cache_bytes: int = 0):
         from mmgpt.runtime import OrtVision
 
         self.encoder = OrtVision(Path(export_dir) / names.VISION_DIR, _threads(threads))
+        self.cache = EmbeddingCache(cache_bytes)
+        self.encoded = 0  # images run through the encoder
 
     def encode_batches(self, batches: list[np.ndarray]) -> list[np.ndarray]:
-        """One (b_i, 3, S, S) array per request -> one (b_i, N, D) array per request, in one run."""
-        sizes = [b.shape[0] for b in batches]
-        out = self.encoder(np.concatenate(batches).astype(np.float32, copy=False))  # (sum b_i, N, D)
-        return np.split(out, np.cumsum(sizes)[:-1])
+        """One (b_i, 3, S, S) array per request -> one (b_i, N, D) array per request; the images not in
+        the cache are encoded together in one run."""
+        images = [img for b in batches for img in b]
+        keys = [self.cache.key(img) for img in images]
+        found = [self.cache.get(k) for k in keys]
+        todo: dict[bytes, list[int]] = {}  # the same new image twice in one batch is encoded once
+        for i, f in enumerate(found):
+            if f is None:
+                todo.setdefault(keys[i], []).append(i)
+        if todo:
+            first = [positions[0] for positions in todo.values()]
+            fresh = self.encoder(np.stack([images[i] for i in first]).astype(np.float32, copy=False))  # (n, N, D)
+            self.encoded += len(first)
+            for (key, positions), embeds in zip(todo.items(), fresh):
+                self.cache.put(key, embeds)
+                for i in positions:
+                    found[i] = embeds
+        out, start = [], 0
+        for b in batches:
+            out.append(np.stack(found[start:start + b.shape[0]]))
+            start += b.shape[0]
+        return out
 
 
 class WhisperStage:
@@ -80,10 +147,10 @@ class LLMStage:
             default_pad_id=self.config.pad_token_id,
         )
 
-    def batcher(self, max_batch: int, on_iteration=None):
+    def batcher(self, max_batch: int, on_iteration=None, prefix_cache_bytes: int = 0):
         from mmgpt.serving.llm import InflightBatcher
 
         return InflightBatcher(
             self.model, max_batch=max_batch, vocab_limit=self.vocab_limit, max_context=self.config.max_context,
-            on_iteration=on_iteration,
+            on_iteration=on_iteration, prefix_cache_bytes=prefix_cache_bytes,
         )

@@ -75,12 +75,15 @@ class Metrics:
         self.steps = family("mmgpt_llm_decode_steps_total", "Batched decode steps (ONNX Runtime calls)", counter)
         self.rows = family("mmgpt_llm_decode_rows_total", "Sequences summed over decode steps", counter)
         self.cancelled = family("mmgpt_llm_cancelled_total", "Sequences stopped by stop requests or cancellation", counter)
+        self.prefix_hits = family("mmgpt_llm_prefix_hits_total", "Requests that started from a cached prefix", counter)
+        self.prefix_tokens = family("mmgpt_llm_prefix_tokens_total", "Prompt tokens not prefilled thanks to the prefix cache", counter)
         self.active = family("mmgpt_llm_active_sequences", "Sequences in the running batch", gauge)
-        self.seen = {"tokens": 0, "decode_steps": 0, "decode_rows": 0, "cancelled": 0}
+        self.seen = {"tokens": 0, "decode_steps": 0, "decode_rows": 0, "cancelled": 0, "prefix_hits": 0, "prefix_tokens": 0}
 
     def update(self, stats, active):
         for key, metric in (("tokens", self.tokens), ("decode_steps", self.steps), ("decode_rows", self.rows),
-                            ("cancelled", self.cancelled)):
+                            ("cancelled", self.cancelled), ("prefix_hits", self.prefix_hits),
+                            ("prefix_tokens", self.prefix_tokens)):
             value = getattr(stats, key)
             if value > self.seen[key]:
                 metric.increment(value - self.seen[key])
@@ -90,6 +93,7 @@ class Metrics:
     def close(self):
         # Metrics before their families: the other order crashes the stub when it collects them.
         self.tokens = self.steps = self.rows = self.cancelled = self.active = None
+        self.prefix_hits = self.prefix_tokens = None
         self.families.clear()
 
 
@@ -100,7 +104,8 @@ class TritonPythonModel:
         self.stage = LLMStage(params["export_dir"], int(params["ort_threads"]))
         self.metrics = Metrics(args["model_name"])
         self.batcher = self.stage.batcher(
-            int(params["max_inflight"]), on_iteration=lambda stats: self.metrics.update(stats, self.batcher.active())
+            int(params["max_inflight"]), on_iteration=lambda stats: self.metrics.update(stats, self.batcher.active()),
+            prefix_cache_bytes=int(params["prefix_cache_mb"]) * 2**20,
         ).start()
 
     def execute(self, requests):

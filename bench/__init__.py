@@ -1,0 +1,1 @@
+"""`make bench`: speed side by side at Phi-2 width (random weights, real architectures), in one run."""

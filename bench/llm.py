@@ -1,0 +1,194 @@
+"""LLM timings: this project's ONNX decoder (fp32, int8, 4-bit) against transformers `generate()` (eager,
+with its KV cache) on the same weights, and the machine's read-bandwidth bound they are measured against.
+
+Decode is memory-bound on a CPU: every step streams every weight once (and every row's KV cache), so the
+fastest a step can be is bytes streamed / read bandwidth. The bandwidth is measured here, in the same
+process, with the same threads, as the best of a large GEMV in ONNX Runtime and in torch.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+GIB = 2**30
+
+
+def median_ms(times: list[float]) -> float:
+    return 1000 * statistics.median(times)
+
+
+class BandwidthProbe:
+    """The machine's best read bandwidth, by GEMV y = x @ W over `gib` GiB of weights, several ways: fp32 in
+    ONNX Runtime (W fed as an input, and held as a constant that it may pre-pack, as it does a decoder's),
+    int8 in ONNX Runtime (MatMulInteger, constant), fp32 in torch. Built once, measured whenever asked: the
+    bench probes at the start and end of every round, next to the figures it bounds."""
+
+    def __init__(self, threads: int, gib: float = 1.0, k: int = 4096):
+        import tempfile
+
+        import onnx
+        from onnx import TensorProto, helper, numpy_helper
+
+        from mmgpt.runtime import ort_session
+
+        self.runs = {}
+        self._tmp = tempfile.TemporaryDirectory()
+        for name, integer, constant in (("ort_gemv_fp32_input", False, False), ("ort_gemv_fp32_constant", False, True),
+                                        ("ort_gemv_int8_constant", True, True)):
+            n = int(gib * GIB / (1 if integer else 4) / k)
+            if integer:
+                w, x = np.full((k, n), 3, np.int8), np.ones((1, k), np.uint8)
+                node = helper.make_node("MatMulInteger", ["x", "w"], ["y"])
+                types = (TensorProto.UINT8, TensorProto.INT8, TensorProto.INT32)
+            else:
+                w, x = np.full((k, n), 0.01, np.float32), np.ones((1, k), np.float32)
+                node = helper.make_node("MatMul", ["x", "w"], ["y"])
+                types = (TensorProto.FLOAT, TensorProto.FLOAT, TensorProto.FLOAT)
+            inputs = [helper.make_tensor_value_info("x", types[0], [1, k])]
+            if not constant:
+                inputs.append(helper.make_tensor_value_info("w", types[1], [k, n]))
+            graph = helper.make_graph([node], name, inputs, [helper.make_tensor_value_info("y", types[2], [1, n])],
+                                      initializer=[numpy_helper.from_array(w, "w")] if constant else [])
+            path = Path(self._tmp.name) / f"{name}.onnx"
+            onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+            session = ort_session(path, threads)
+            feed = {"x": x} if constant else {"x": x, "w": w}
+            self.runs[name] = (lambda session=session, feed=feed: session.run(["y"], feed), w.nbytes)
+        torch.set_num_threads(threads)
+        tw, tx = torch.full((k, int(gib * GIB / 4 / k)), 0.01), torch.ones((1, k))
+        self.runs["torch_gemv_fp32"] = (lambda: torch.mm(tx, tw), tw.numel() * 4)
+
+    def measure(self, repeats: int = 10) -> dict:
+        out = {}
+        with torch.no_grad():
+            for name, (run, nbytes) in self.runs.items():
+                run()  # warm-up
+                best = min(_seconds(run) for _ in range(repeats))
+                out[f"{name}_gbs"] = nbytes / best / 1e9
+        out["bandwidth_gbs"] = max(out.values())
+        return out
+
+    def close(self) -> None:
+        self.runs.clear()
+        self._tmp.cleanup()
+
+
+def _seconds(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def onnx_weight_bytes(path: Path) -> int:
+    """Bytes of every initializer of a graph (external data included): what one decode step streams."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    total = 0
+    for t in model.graph.initializer:
+        size = int(np.prod(t.dims)) if t.dims else 1
+        if t.data_type == onnx.TensorProto.UINT8 or t.data_type == onnx.TensorProto.INT8:
+            total += size
+        elif t.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
+            total += 2 * size
+        elif t.data_type == onnx.TensorProto.INT64:
+            total += 8 * size
+        else:
+            total += 4 * size
+    return total
+
+
+def torch_weight_bytes(llm) -> int:
+    """fp32 bytes streamed per step by a PyTorch Phi: every parameter but the embedding table (one row read)."""
+    embed = llm.get_input_embeddings().weight
+    return sum(p.numel() * p.element_size() for p in llm.parameters() if p is not embed)
+
+
+def kv_bytes_per_token(layers: int, heads: int, head_dim: int, itemsize: int = 4) -> int:
+    return 2 * layers * heads * head_dim * itemsize
+
+
+@dataclass
+class DecodeTiming:
+    ms_per_token: float  # median over the steps
+    ttft_s: float | None = None  # time to the first token, when a prompt was prefilled
+
+
+def ort_decode(model, batch: int, context: int, steps: int, seed: int = 0) -> DecodeTiming:
+    """Median step time of the project's decoder, `batch` rows, starting from a `context`-token cache.
+
+    The cache is filled with random keys/values instead of a prefill: a step's cost depends on the cache's
+    shape, not its contents, and a 1,024-token prefill per engine would double the bench's time.
+    """
+    rng = np.random.default_rng(seed)
+    shape = (batch, model.num_kv_heads, context, model.head_dim)
+    past = [(0.1 * rng.standard_normal(shape)).astype(np.float32) for _ in range(2 * model.num_layers)]
+    ids = rng.integers(0, model.vocab_size, (batch, 1))
+    times = []
+    for i in range(steps + 2):  # two warm-up steps
+        embeds = model.embed(ids, None)
+        mask = np.ones((batch, context + i + 1), np.int64)
+        pos = np.full((batch, 1), context + i, np.int64)
+        t = time.perf_counter()
+        logits, past = model.run(embeds, mask, pos, past)
+        ids = logits[:, -1].argmax(-1)[:, None]
+        times.append(time.perf_counter() - t)
+    return DecodeTiming(median_ms(times[2:]))
+
+
+def ort_prefill_ttft(vision, model, pixels: np.ndarray, input_ids: np.ndarray, repeats: int) -> float:
+    """Seconds from pixels + prompt ids to the first token: vision encoder, splice, prefill, argmax."""
+    best = []
+    for _ in range(repeats + 1):
+        t = time.perf_counter()
+        table = vision(pixels)
+        ids = input_ids[None]
+        logits, _ = model.run(model.embed(ids, table), np.ones(ids.shape, np.int64),
+                              np.arange(ids.shape[1], dtype=np.int64)[None], model.empty_past(1))
+        int(logits[0, -1].argmax())
+        best.append(time.perf_counter() - t)
+    return statistics.median(best[1:])
+
+
+class _Clock:
+    """A transformers streamer that only notes when each new token arrives."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+        self.prompt_seen = False
+
+    def put(self, value):
+        if not self.prompt_seen:  # generate() first hands over the prompt
+            self.prompt_seen = True
+            return
+        self.stamps.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def hf_generate(llm, input_ids: torch.Tensor | None, new_tokens: int, *, inputs_embeds: torch.Tensor | None = None,
+                before=None) -> DecodeTiming:
+    """transformers `generate()`, greedy, eager attention, its own KV cache: TTFT and median inter-token time.
+
+    `before` (optional) runs inside the clock first, e.g. the vision encoder for a prompt with an image.
+    """
+    clock = _Clock()
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=clock,
+              pad_token_id=llm.config.eos_token_id, use_cache=True)
+    with torch.no_grad():
+        t = time.perf_counter()
+        if before is not None:
+            inputs_embeds = before()
+        if inputs_embeds is not None:
+            llm.generate(inputs_embeds=inputs_embeds, attention_mask=torch.ones(inputs_embeds.shape[:2], dtype=torch.long), **kw)
+        else:
+            llm.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kw)
+    steps = np.diff(clock.stamps)
+    return DecodeTiming(1000 * float(np.median(steps)) if steps.size else float("nan"), clock.stamps[0] - t)

@@ -1,0 +1,115 @@
+"""`make bench`'s parts that can be checked quickly: the bound arithmetic and verdicts, the byte counts the
+bounds rest on, the timers on the tiny export, and that a missing peer is reported, not a crash.
+The full run (Phi-2 width, llama.cpp built from source) is `make bench`, not part of `make test`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mmgpt import names
+
+
+def _round(ms: dict, gbs: float = 10.0) -> dict:
+    """One round with round numbers: `gbs` GB/s, 1 GB of weights everywhere."""
+    ours = {
+        kind: {"weight_bytes": int(1e9), "ttft_s": 1.0, "decode_ms_c128": t, "decode_ms_c1024": t, "decode_ms_b8_c1024": t}
+        for kind, t in ms.items()
+    }
+    return {"bandwidth_gbs": gbs, "ours": ours,
+            "transformers": {"weight_bytes": int(1e9), "ttft_s": 2.0, "decode_ms_c128": 400.0, "decode_ms_c1024": 400.0},
+            "llamacpp": {"f32": {"weight_bytes": int(1e9), "decode_ms_c128": 150.0, "decode_ms_c1024": 150.0,
+                                 "prefill_s_c128": 1.0}}}
+
+
+def _results(*rounds: dict) -> dict:
+    from mmgpt.bench.__main__ import _medians
+
+    settings = {"contexts": [128, 1024], "batch": 8, "steps": 0, "threads": 2, "layers": 1, "text_tokens": 4,
+                "vision_batches": [1]}
+    out = {"settings": settings, "kv_bytes_per_token": 0, "rounds": list(rounds), "machine": {"cpu": "test"}}
+    for engine in ("ours", "transformers", "llamacpp"):
+        out[engine] = _medians([rd[engine] for rd in rounds])
+    return out
+
+
+def test_fraction_of_bound_and_targets():
+    from mmgpt.bench.report import bound_ms, headline, table
+
+    assert bound_ms(int(1e9), 0, 10.0) == pytest.approx(100.0)  # 1 GB at 10 GB/s
+    results = _results(_round({"fp32": 100.0, "int8": 200.0, "int4": 125.0}))
+    s = headline(results)
+    assert s["decode_fraction_of_bound"] == pytest.approx(1.0)
+    assert s["decode_fraction_of_bound_int8"] == pytest.approx(0.5)
+    assert s["decode_vs_llamacpp_f32"] == pytest.approx(1.5)  # tokens/s, ours over theirs
+    assert s["decode_speedup_fp32"] == pytest.approx(4.0)
+    assert s["ttft_ratio"] == pytest.approx(0.5)
+    assert "decode_fraction_of_bound" in s["targets_met"] and "decode_fraction_of_bound_int8" in s["targets_missed"]
+    assert "whisper_rtf_ratio" in s["not_measured"] and s["whisper_rtf_ratio"] is None
+    results["summary"] = s
+    text = table(results)
+    assert "| decode_fraction_of_bound_int8 | 0.5 | >= 0.85 | MISSED |" in text
+
+
+def test_ratios_are_taken_within_a_round_then_the_median():
+    from mmgpt.bench.report import headline
+
+    # the machine at half speed in the second round: every engine slows down together
+    slow = _round({"fp32": 200.0, "int8": 200.0, "int4": 200.0}, gbs=5.0)
+    for r in (slow["transformers"], slow["llamacpp"]["f32"]):
+        r["decode_ms_c128"] *= 2
+    fast = _round({"fp32": 100.0, "int8": 100.0, "int4": 100.0})
+    s = headline(_results(fast, slow, fast))
+    assert s["decode_fraction_of_bound"] == pytest.approx(1.0)  # each round against its own bandwidth
+    assert s["decode_vs_llamacpp_f32"] == pytest.approx(1.5)
+    assert s["bandwidth_gbs"] == pytest.approx(10.0)
+
+
+def test_kv_cache_counts_toward_the_bound():
+    from mmgpt.bench.report import fractions
+
+    results = _results(_round({"fp32": 100.0, "int8": 100.0, "int4": 100.0}))
+    kv = 1000  # 8 rows x 1,024 tokens x 1 kB = 8.2 MB more to read per step
+    f = fractions(results["rounds"][0], results["settings"], kv)
+    assert f["ours_fp32_b8_c1024"] == pytest.approx((1e9 + 8 * 1024 * 1000) / 1e9)
+    assert f["ours_fp32_c128"] == pytest.approx((1e9 + 128 * 1000) / 1e9)
+
+
+def test_onnx_weight_bytes_counts_every_initializer(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from mmgpt.bench.llm import onnx_weight_bytes
+
+    w = numpy_helper.from_array(np.ones((10, 20), np.float32), "w")
+    q = numpy_helper.from_array(np.ones((5, 5), np.int8), "q")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 10])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 20])], initializer=[w, q])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    assert onnx_weight_bytes(path) == 10 * 20 * 4 + 5 * 5
+
+
+def test_decode_timers_run_the_same_number_of_tokens(tiny_export, tiny_components):
+    from mmgpt.bench.llm import hf_generate, ort_decode
+    from mmgpt.runtime import OrtLLMModel
+
+    ort = ort_decode(OrtLLMModel(tiny_export / names.LLM_DIR, threads=1), batch=3, context=16, steps=4)
+    assert np.isfinite(ort.ms_per_token) and ort.ms_per_token > 0
+    import torch
+
+    llm = tiny_components.model.llm.eval()
+    ids = torch.arange(2, 18)[None]
+    hf = hf_generate(llm, ids, 5)
+    assert hf.ttft_s > 0 and np.isfinite(hf.ms_per_token)
+
+
+def test_a_missing_llamacpp_says_how_to_get_it(monkeypatch):
+    import sys
+
+    from mmgpt.bench import llamacpp
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import fails as on a machine without the extra
+    with pytest.raises(llamacpp.Unavailable, match="make bench"):
+        llamacpp.check_available()
