@@ -36,7 +36,7 @@ class BenchConfig:
     questions: int = 200  # held-out questions for greedy agreement on the trained default
     sections: tuple[str, ...] = ("llm", "llamacpp", "quality", "vision", "whisper", "served")
     concurrencies: tuple[int, ...] = (1, 4, 8)  # served: streaming clients at once
-    served_tokens: int = 32  # served: max_tokens of each answer
+    served_tokens: int = 128  # served: max_tokens of each answer (a typical chat answer's length)
     vision_models: tuple[str, ...] = ("b32", "l14-336")
     vision_batches: tuple[int, ...] = (1, 8)
     progress: bool = True
@@ -270,7 +270,7 @@ def main(cfg: BenchConfig) -> dict:
 
 def cli(argv: list[str] | None = None) -> int:
     d = BenchConfig()
-    p = argparse.ArgumentParser(prog="python -m mmgpt.bench", description=main.__doc__,
+    p = argparse.ArgumentParser(prog="python -m mmgpt.bench", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=d.out, help="where bench.json, bench.md and the plots go")
     p.add_argument("--layers", type=int, default=d.layers, help="Phi-2 layers kept (full width)")
@@ -281,6 +281,8 @@ def cli(argv: list[str] | None = None) -> int:
     p.add_argument("--questions", type=int, default=d.questions, help="questions for greedy agreement")
     p.add_argument("--sections", nargs="+", choices=tuple(SECTIONS), default=d.sections)
     p.add_argument("--vision-models", nargs="+", choices=("b32", "l14-336"), default=d.vision_models)
+    p.add_argument("--concurrencies", nargs="+", type=int, default=d.concurrencies, help="served: clients at once")
+    p.add_argument("--served-tokens", type=int, default=d.served_tokens, help="served: max_tokens of each answer")
     p.add_argument("--contexts", nargs="+", type=int, default=d.contexts, help="decode contexts (tokens)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
@@ -289,7 +291,8 @@ def cli(argv: list[str] | None = None) -> int:
             p.error(f"{needs_llm} uses the weights and exports the llm section builds: add llm")
     cfg = BenchConfig(out=a.out, layers=a.layers, threads=a.threads, steps=a.steps, rounds=a.rounds, repeats=a.repeats,
                       questions=a.questions, sections=tuple(a.sections), vision_models=tuple(a.vision_models),
-                      contexts=tuple(a.contexts), progress=not a.no_progress)
+                      contexts=tuple(a.contexts), concurrencies=tuple(a.concurrencies), served_tokens=a.served_tokens,
+                      progress=not a.no_progress)
     summary = main(cfg)
     print(json.dumps(summary), flush=True)
     return 0

@@ -350,3 +350,40 @@ def test_vision_stage_without_a_cache_encodes_every_time(tiny_export):
     first, second = stage.encode_batches([pixels]), stage.encode_batches([pixels])
     np.testing.assert_array_equal(first[0], second[0])
     assert stage.encoded == 2 and stage.cache.hits == 0
+
+
+class _Rendezvous(LocalStages):
+    """Stages whose Whisper waits until the vision encoder has started: only a pipeline that runs the two
+    at the same time gets past it."""
+
+    def __init__(self, export):
+        super().__init__(export)
+        self.vision_started = threading.Event()
+        self.fail_audio = False
+
+    def transcribe(self, audio):
+        if not self.vision_started.wait(timeout=10):
+            raise AssertionError("Whisper ran alone: the vision encoder had not started")
+        if self.fail_audio:
+            raise InputError("audio could not be decoded (test)")
+        return super().transcribe(audio)
+
+    def encode_image(self, pixels):
+        self.vision_started.set()
+        time.sleep(0.2)  # still encoding while Whisper runs
+        return super().encode_image(pixels)
+
+
+def test_whisper_and_the_vision_encoder_run_at_the_same_time(pipeline, tiny_export, exported):
+    s = _Rendezvous(tiny_export)
+    try:
+        image, audio = png_bytes(64, 48, seed=4), wav_bytes(1.5, 16000)
+        outcome, sent = run(pipeline, s, entry_inputs("What is this?", image_input=image, audio_input=audio))
+        assert outcome == "done"
+        assert "".join(t for t, _, _ in sent if t) == exported.ask("What is this?", image=image, audio=audio).text
+        s.vision_started.clear()
+        s.fail_audio = True  # the audio's error is the one reported, after the encoder has finished
+        with pytest.raises(InputError, match="audio could not be decoded"):
+            run(pipeline, s, entry_inputs("What is this?", image_input=image, audio_input=audio))
+    finally:
+        s.batcher.shutdown()

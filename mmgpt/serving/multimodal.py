@@ -228,12 +228,23 @@ class Pipeline:
         pixels = None
         if question.image is not None:
             pixels = pixel_values([load_image(question.image, self.settings.limits)], self.image_processor)
-        transcript = stages.transcribe(question.audio) if question.audio is not None else ""
+        # Whisper and the vision encoder are separate models: with both inputs, run them at the same time.
+        image_job = None
+        if pixels is not None and question.audio is not None:
+            image_job = _Background(lambda: stages.encode_image(pixels))
+        try:
+            transcript = stages.transcribe(question.audio) if question.audio is not None else ""
+        except BaseException:
+            if image_job is not None:
+                image_job.wait()  # never left running behind an error; the audio's error is the one to report
+            raise
+        table = image_job.result() if image_job is not None else None
         try:
             asked = join_question(question.text, transcript)
         except ValueError as e:
             raise InputError(f"{e} (the audio was transcribed as {transcript!r})") from None
-        table = stages.encode_image(pixels) if pixels is not None else None
+        if pixels is not None and table is None:
+            table = stages.encode_image(pixels)
         ids = prompt_ids(self.config, self.tokenizer, question.history, asked, has_image=table is not None)
         check_prompt(len(ids), self.config.max_context)
         # The same budget as generate_ids: the LLM gets no more than the context leaves.
@@ -264,6 +275,31 @@ class Pipeline:
         replies.piece(text.finish())
         replies.close()
         return "done"
+
+
+class _Background:
+    """One call on a helper thread; `result()` waits for it and returns its value or raises its error."""
+
+    def __init__(self, fn: Callable[[], Any]):
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self._value = fn()
+        except BaseException as e:  # handed to the caller by result()
+            self._error = e
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 # ------------------------------------------------------------------------------------------------
