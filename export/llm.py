@@ -145,9 +145,10 @@ def export_llm(c: Components, out_dir: Path, source: str, *, int8: bool = False,
     return results
 
 
+INT4_BLOCK = 128
 QUANTIZED = {
     "int8": (names.LLM_INT8_ONNX, "int8 (dynamic quantization: int8 weights, per-call activations)"),
-    "int4": (names.LLM_INT4_ONNX, "int4 (weight-only MatMulNBits, blocks of 32, symmetric, int8 compute)"),
+    "int4": (names.LLM_INT4_ONNX, "int4 (weight-only MatMulNBits, blocks of 128, symmetric, int8 compute)"),
 }
 
 
@@ -155,7 +156,9 @@ def quantize_llm(fp32_path: Path, out_dir: Path, kind: str) -> tuple[str, str]:
     """Write the `kind` ("int8" or "int4") decoder beside the fp32 one -> (file name, precision).
 
     int4 asks for accuracy level 4 (int8 compute, AVX512-VNNI / AVX2 kernels): without it ONNX Runtime
-    de-quantizes every weight block on every call, which is slower than fp32 on a CPU.
+    de-quantizes every weight block on every call, which is slower than fp32 on a CPU. Blocks of 128 weights
+    share a scale: measured at Phi-2 width (4 layers, 2 cores), decode 6.5 ms/token against 8.0 with blocks of
+    32 (llama.cpp Q4_0's size), and on the trained default 0.915 of greedy answers equal fp32's (0.94 with 32).
     """
     onnx_file, precision = QUANTIZED[kind]
     if kind == "int8":
@@ -166,7 +169,7 @@ def quantize_llm(fp32_path: Path, out_dir: Path, kind: str) -> tuple[str, str]:
         import onnx
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-        q = MatMulNBitsQuantizer(onnx.load(str(fp32_path)), bits=4, block_size=32, is_symmetric=True, accuracy_level=4)
+        q = MatMulNBitsQuantizer(onnx.load(str(fp32_path)), bits=4, block_size=INT4_BLOCK, is_symmetric=True, accuracy_level=4)
         q.process()
         q.model.save_model_to_file(str(out_dir / onnx_file), use_external_data_format=False)
     else:
