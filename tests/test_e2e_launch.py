@@ -46,6 +46,14 @@ def test_missing_export_says_to_run_make_export(tmp_path):
     assert not (tmp_path / "repo").exists()
 
 
+def test_a_negative_cache_size_is_refused_before_serving(tiny_export, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmgpt.serving.launch", "--export-dir", str(tiny_export), "--repo-dir",
+         str(tmp_path / "repo"), "--vision-cache-mb", "-1"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2 and "vision_cache_mb and llm_prefix_cache_mb must be >= 0" in proc.stderr
+
+
 def test_serve_answers_then_stops_cleanly_on_sigterm(tiny_export, tmp_path):
     ports = distinct_ports()
     repo = tmp_path / "triton_repo"

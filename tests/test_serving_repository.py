@@ -121,6 +121,14 @@ def test_unknown_or_bad_settings_fail(tiny_export, tmp_path):
         assemble_repository(tiny_export, tmp_path / "r", max_image_pxels=5)
     with pytest.raises(ValueError, match="max_image_pixels"):
         assemble_repository(tiny_export, tmp_path / "r", max_image_pixels=0)
+    with pytest.raises(ValueError, match="vision_cache_mb and llm_prefix_cache_mb must be >= 0"):
+        assemble_repository(tiny_export, tmp_path / "r", llm_prefix_cache_mb=-1)
+
+
+def test_cache_sizes_reach_their_models(tiny_export, tmp_path):
+    repo = assemble_repository(tiny_export, tmp_path / "r", llm_prefix_cache_mb=7, vision_cache_mb=0)
+    assert int(c.parameters(config(repo, c.LLM))["prefix_cache_mb"]) == 7
+    assert int(c.parameters(config(repo, c.VISION))["cache_mb"]) == 0
 
 
 def test_tensorrt_llm_can_take_the_llms_place(tiny_export, tmp_path):

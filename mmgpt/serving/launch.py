@@ -32,13 +32,18 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"requests the entry point answers at once (default {defaults.entry_instances})")
     p.add_argument("--ort-threads", type=int, default=defaults.ort_threads,
                    help="ONNX Runtime intra-op threads per session (default 0 = all cores)")
+    p.add_argument("--prefix-cache-mb", type=int, default=defaults.llm_prefix_cache_mb,
+                   help=f"keys/values of finished sequences kept for later turns (default {defaults.llm_prefix_cache_mb}; 0 = off)")
+    p.add_argument("--vision-cache-mb", type=int, default=defaults.vision_cache_mb,
+                   help=f"image embeddings kept for repeated images (default {defaults.vision_cache_mb}; 0 = off)")
     a = p.parse_args(argv)
 
     from mmgpt.serving.tritonserver import TritonNotFoundError, TritonServer
 
     try:
         repo = assemble_repository(a.export_dir, a.repo_dir, llm_max_batch_size=a.max_inflight,
-                                   entry_instances=a.entry_instances, ort_threads=a.ort_threads)
+                                   entry_instances=a.entry_instances, ort_threads=a.ort_threads,
+                                   llm_prefix_cache_mb=a.prefix_cache_mb, vision_cache_mb=a.vision_cache_mb)
     except (ExportMissingError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
