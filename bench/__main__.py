@@ -71,9 +71,10 @@ def llm_section(cfg: BenchConfig, work: Path, results: dict) -> None:
     """Ours (fp32, int8, 4-bit), transformers eager and llama.cpp (f32, Q8_0, Q4_0) at Phi-2 width, on the
     same weights, in interleaved rounds.
 
-    This machine's speed drifts by tens of percent over minutes (its read bandwidth was seen at 48 and 66 GB/s
-    in one run), so each round measures every engine back to back between two bandwidth probes, and every
-    ratio and fraction of the bound is taken within a round; the bench reports their medians over rounds.
+    This machine's speed flips by tens of percent from one minute to the next (its read bandwidth was seen at
+    ~50 and ~70 GB/s in one run), so engines that are compared are timed seconds apart (figure by figure,
+    each of ours next to its llama.cpp counterpart), each round between two bandwidth probes, every ratio and
+    fraction of the bound is taken within a round, and the bench reports their medians over rounds.
     """
     import torch
 
@@ -138,26 +139,25 @@ def llm_section(cfg: BenchConfig, work: Path, results: dict) -> None:
     big = max(cfg.contexts)
     for r in range(cfg.rounds):
         rd: dict = {"probes": [probe.measure()], "transformers": {}, "ours": {}, "llamacpp": {}}
-        log(f"round {r + 1}/{cfg.rounds}: read bandwidth {rd['probes'][0]['bandwidth_gbs']:.1f} GB/s; "
-            "transformers generate() (eager, its KV cache)")
+        log(f"round {r + 1}/{cfg.rounds}: read bandwidth {rd['probes'][0]['bandwidth_gbs']:.1f} GB/s; time to first token")
+        # Engines compared with each other are timed back to back (seconds apart), figure by figure: this
+        # machine can change speed between two engines timed a minute apart.
         hf = rd["transformers"]
         hf["ttft_s"] = float(np.median([L.hf_generate(llm, None, 2, before=with_image).ttft_s for _ in range(cfg.repeats)]))
+        for kind, m in ours.items():
+            rd["ours"].setdefault(kind, {})["ttft_s"] = L.ort_prefill_ttft(vision, m, pixels, prompt_ids, cfg.repeats)
         for ctx in cfg.contexts:
+            log(f"round {r + 1}/{cfg.rounds}: decode at context {ctx}: transformers, then ours and llama.cpp by precision")
             ids = torch.from_numpy(rng.integers(2, 500, (1, ctx)))
             hf[f"decode_ms_c{ctx}"] = L.hf_generate(llm, ids, cfg.steps + 2).ms_per_token
+            for kind, lc_kind in (("fp32", "f32"), ("int8", "q8_0"), ("int4", "q4_0")):
+                rd["ours"][kind][f"decode_ms_c{ctx}"] = L.ort_decode(ours[kind], 1, ctx, cfg.steps, cfg.seed).ms_per_token
+                if lc_kind in peers:
+                    t = peers[lc_kind].decode(ctx, cfg.steps, cfg.seed)
+                    p = rd["llamacpp"].setdefault(lc_kind, {})
+                    p[f"decode_ms_c{ctx}"], p[f"prefill_s_c{ctx}"] = t.ms_per_token, t.ttft_s
         for kind, m in ours.items():
-            log(f"round {r + 1}/{cfg.rounds}: ours {kind}")
-            o = rd["ours"][kind] = {}
-            o["ttft_s"] = L.ort_prefill_ttft(vision, m, pixels, prompt_ids, cfg.repeats)
-            for ctx in cfg.contexts:
-                o[f"decode_ms_c{ctx}"] = L.ort_decode(m, 1, ctx, cfg.steps, cfg.seed).ms_per_token
-            o[f"decode_ms_b{cfg.batch}_c{big}"] = L.ort_decode(m, cfg.batch, big, cfg.steps, cfg.seed).ms_per_token
-        for kind, peer in peers.items():
-            log(f"round {r + 1}/{cfg.rounds}: llama.cpp {kind}")
-            p = rd["llamacpp"][kind] = {}
-            for ctx in cfg.contexts:
-                t = peer.decode(ctx, cfg.steps, cfg.seed)
-                p[f"decode_ms_c{ctx}"], p[f"prefill_s_c{ctx}"] = t.ms_per_token, t.ttft_s
+            rd["ours"][kind][f"decode_ms_b{cfg.batch}_c{big}"] = L.ort_decode(m, cfg.batch, big, cfg.steps, cfg.seed).ms_per_token
         rd["probes"].append(probe.measure())
         rd["bandwidth_gbs"] = max(x["bandwidth_gbs"] for x in rd["probes"])
         rounds.append(rd)

@@ -164,7 +164,9 @@ def table(results: dict) -> str:
         sv = results["served"]
         lines += ["", f"| served, {sv['max_tokens']} tokens an answer | TTFT s | inter-token ms | answer s | output tokens/s |",
                   "|---|---|---|---|---|",
-                  f"| in-process (same ONNX files, no server) | {sv['in_process']['ttft_s']:.3f} | | {sv['in_process']['latency_s']:.3f} | |"]
+                  f"| in-process (same ONNX files, no server) | {sv['in_process']['ttft_s']:.3f} | | {sv['in_process']['latency_s']:.3f} | |",
+                  f"| served, the same request, timed in pairs with the line above | {sv['served_alone']['ttft_s']:.3f} | | "
+                  f"{sv['served_alone']['latency_s']:.3f} | |"]
         for key, r in sv.items():
             if key.startswith("c") and isinstance(r, dict):
                 lines.append(f"| served, concurrency {key[1:]} | {r['ttft_s']:.3f} | {r['inter_token_ms']:.1f} | {r['latency_s']:.3f} | "

@@ -130,35 +130,33 @@ def load(url: str, clients: int, per_client: int, max_tokens: int) -> tuple[list
     return timings, time.perf_counter() - start
 
 
-def in_process(export: Path, threads: int, text: str, image: bytes, max_tokens: int, repeats: int) -> dict:
-    """The same request through the same ONNX files in this process: the engine without the server."""
+def in_process_assistant(export: Path, threads: int):
+    """The same ONNX files in this process: the engine without the server."""
     from transformers import AutoTokenizer, CLIPImageProcessor
 
     from mmgpt import names
     from mmgpt.config import MMGPTConfig
-    from mmgpt.generation import SamplingParams
     from mmgpt.inference import Assistant
     from mmgpt.runtime import OrtLLMModel, OrtVision
 
     llm = OrtLLMModel(export / names.LLM_DIR, threads)
-    bot = Assistant(MMGPTConfig.load(export), AutoTokenizer.from_pretrained(export / names.TOKENIZER_DIR),
-                    CLIPImageProcessor.from_pretrained(export / names.VISION_DIR),
-                    encode_image=OrtVision(export / names.VISION_DIR, threads), new_decoder=llm.decoder)
-    params = SamplingParams(max_tokens=max_tokens)
-    runs = []
-    for _ in range(repeats + 1):
-        t = time.perf_counter()
-        first = None
-        _, pieces = bot.stream(text, image=image, params=params)
-        out = []
-        for p in pieces:
-            first = first or time.perf_counter()
-            out.append(p)
-        end = time.perf_counter()
-        runs.append(Timing((first or end) - t, end - t, len(out), "".join(out)))
-    runs = runs[1:]
-    return {"ttft_s": statistics.median(r.ttft_s for r in runs), "latency_s": statistics.median(r.latency_s for r in runs),
-            "text": runs[0].text}
+    return Assistant(MMGPTConfig.load(export), AutoTokenizer.from_pretrained(export / names.TOKENIZER_DIR),
+                     CLIPImageProcessor.from_pretrained(export / names.VISION_DIR),
+                     encode_image=OrtVision(export / names.VISION_DIR, threads), new_decoder=llm.decoder)
+
+
+def ask_in_process(bot, text: str, image: bytes, max_tokens: int) -> Timing:
+    from mmgpt.generation import SamplingParams
+
+    t = time.perf_counter()
+    first = None
+    _, pieces = bot.stream(text, image=image, params=SamplingParams(max_tokens=max_tokens))
+    out = []
+    for p in pieces:
+        first = first or time.perf_counter()
+        out.append(p)
+    end = time.perf_counter()
+    return Timing((first or end) - t, end - t, len(out), "".join(out))
 
 
 def served(work: Path, threads: int, concurrencies: tuple[int, ...], max_tokens: int, repeats: int) -> dict:
@@ -171,7 +169,6 @@ def served(work: Path, threads: int, concurrencies: tuple[int, ...], max_tokens:
     export = export_dir(work, threads)
     image = picture(0)
     result: dict = {"max_tokens": max_tokens, "question": QUESTION}
-    result["in_process"] = in_process(export, threads, QUESTION, image, max_tokens, repeats)
     repo = assemble_repository(export, work / "served-repo", ort_threads=threads)
     with TritonServer(repo, log_file=work / "tritonserver.log") as server:
         server.wait_ready(timeout=600)
@@ -179,7 +176,25 @@ def served(work: Path, threads: int, concurrencies: tuple[int, ...], max_tokens:
         tokens = lambda: metric(server.metrics_url, "mmgpt_llm_tokens_total")  # noqa: E731
         ask_timed(client, QUESTION, image, max_tokens)  # warm-up
 
-        # concurrency 1 first: the serving overhead is served / in-process at concurrency 1
+        # The serving overhead: the same request in this process and through the server, one after the
+        # other (the server idle meanwhile), in pairs: this machine's speed can change from minute to minute.
+        # The server's prefix cache may still reuse the system prompt (the part before the image).
+        log("served: the same request in-process and served, in pairs")
+        bot = in_process_assistant(export, threads)
+        ask_in_process(bot, QUESTION, image, max_tokens)  # warm-up
+        pairs = []
+        for j in range(repeats):
+            picture_j = picture(700 + j)  # new to both: the server's image cache cannot help it
+            mine = ask_in_process(bot, QUESTION, picture_j, max_tokens)
+            theirs = ask_timed(client, QUESTION, picture_j, max_tokens)
+            pairs.append((mine, theirs))
+        del bot
+        result["in_process"] = {"ttft_s": statistics.median(m.ttft_s for m, _ in pairs),
+                                "latency_s": statistics.median(m.latency_s for m, _ in pairs)}
+        result["served_alone"] = {"ttft_s": statistics.median(t.ttft_s for _, t in pairs),
+                                  "latency_s": statistics.median(t.latency_s for _, t in pairs)}
+        result["serving_overhead"] = statistics.median(t.latency_s / m.latency_s for m, t in pairs)
+
         for n in concurrencies:
             log(f"served: concurrency {n}")
             before = tokens()
@@ -194,7 +209,6 @@ def served(work: Path, threads: int, concurrencies: tuple[int, ...], max_tokens:
                 "inter_token_ms": 1000 * statistics.median((t.latency_s - t.ttft_s) / max(per_request - 1, 1) for t in timings),
             }
         one = result[f"c{concurrencies[0]}"]
-        result["serving_overhead"] = one["latency_s"] / result["in_process"]["latency_s"]
         if len(concurrencies) > 1:
             result["concurrency8_throughput_ratio"] = (result[f"c{concurrencies[-1]}"]["output_tokens_per_s"]
                                                        / one["output_tokens_per_s"])
