@@ -4,26 +4,15 @@ transformers `generate()` and CTranslate2 (faster-whisper's engine) fp32 and int
 
 from __future__ import annotations
 
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .llm import median_seconds
+
 WHISPER_TOKENS = 64  # decoded per window: every engine is made to produce exactly this many (end token suppressed)
 WINDOW_S = 30.0
-
-
-def _timed(fn, repeats: int) -> float:
-    """Median seconds of `repeats` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def vision(name: str, work: Path, threads: int, batches: tuple[int, ...], repeats: int) -> dict:
@@ -68,9 +57,9 @@ def vision(name: str, work: Path, threads: int, batches: tuple[int, ...], repeat
             with torch.no_grad():
                 wrapper(tp)
 
-        result[f"torch_b{b}_images_per_s"] = b / _timed(pt, repeats)
-        result[f"ort_fp32_b{b}_images_per_s"] = b / _timed(lambda p=pixels: fp32(p), repeats)
-        result[f"ort_int8_b{b}_images_per_s"] = b / _timed(lambda p=pixels: int8(p), repeats)
+        result[f"torch_b{b}_images_per_s"] = b / median_seconds(pt, repeats)
+        result[f"ort_fp32_b{b}_images_per_s"] = b / median_seconds(lambda p=pixels: fp32(p), repeats)
+        result[f"ort_int8_b{b}_images_per_s"] = b / median_seconds(lambda p=pixels: int8(p), repeats)
     return result
 
 
@@ -114,7 +103,7 @@ def whisper(work: Path, threads: int, repeats: int) -> dict:
     def run_ort():
         assert len(transcribe_ids(ort, feats, speech)) == WHISPER_TOKENS
 
-    result["ort_fp32_rtf"] = _timed(run_ort, repeats) / WINDOW_S
+    result["ort_fp32_rtf"] = median_seconds(run_ort, repeats) / WINDOW_S
 
     prompt = torch.tensor([list(speech.prompt_ids)])
     tf = torch.from_numpy(feats)
@@ -125,7 +114,7 @@ def whisper(work: Path, threads: int, repeats: int) -> dict:
                                  do_sample=False, suppress_tokens=list(speech.suppress_ids))
         assert out.shape[1] == WHISPER_TOKENS, out.shape  # Whisper's generate() returns the new tokens only
 
-    result["transformers_fp32_rtf"] = _timed(run_hf, repeats) / WINDOW_S
+    result["transformers_fp32_rtf"] = median_seconds(run_hf, repeats) / WINDOW_S
 
     for compute in ("float32", "int8"):
         ct2_dir = work / f"whisper-base-ct2-{compute}"
@@ -143,5 +132,5 @@ def whisper(work: Path, threads: int, repeats: int) -> dict:
                              return_no_speech_prob=False)
             assert len(r[0].sequences_ids[0]) == WHISPER_TOKENS, len(r[0].sequences_ids[0])
 
-        result[f"ctranslate2_{compute}_rtf"] = _timed(run_ct2, repeats) / WINDOW_S
+        result[f"ctranslate2_{compute}_rtf"] = median_seconds(run_ct2, repeats) / WINDOW_S
     return result

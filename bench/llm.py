@@ -85,23 +85,19 @@ def _seconds(fn) -> float:
     return time.perf_counter() - t
 
 
+def median_seconds(fn, repeats: int) -> float:
+    """Median seconds of `repeats` calls after one warm-up call."""
+    fn()
+    return statistics.median(_seconds(fn) for _ in range(repeats))
+
+
 def onnx_weight_bytes(path: Path) -> int:
     """Bytes of every initializer of a graph (external data included): what one decode step streams."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    total = 0
-    for t in model.graph.initializer:
-        size = int(np.prod(t.dims)) if t.dims else 1
-        if t.data_type == onnx.TensorProto.UINT8 or t.data_type == onnx.TensorProto.INT8:
-            total += size
-        elif t.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
-            total += 2 * size
-        elif t.data_type == onnx.TensorProto.INT64:
-            total += 8 * size
-        else:
-            total += 4 * size
-    return total
+    return sum(int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+               for t in model.graph.initializer)
 
 
 def torch_weight_bytes(llm) -> int:
@@ -144,16 +140,14 @@ def ort_decode(model, batch: int, context: int, steps: int, seed: int = 0) -> De
 
 def ort_prefill_ttft(vision, model, pixels: np.ndarray, input_ids: np.ndarray, repeats: int) -> float:
     """Seconds from pixels + prompt ids to the first token: vision encoder, splice, prefill, argmax."""
-    best = []
-    for _ in range(repeats + 1):
-        t = time.perf_counter()
-        table = vision(pixels)
-        ids = input_ids[None]
-        logits, _ = model.run(model.embed(ids, table), np.ones(ids.shape, np.int64),
+    ids = input_ids[None]
+
+    def first_token() -> int:
+        logits, _ = model.run(model.embed(ids, vision(pixels)), np.ones(ids.shape, np.int64),
                               np.arange(ids.shape[1], dtype=np.int64)[None], model.empty_past(1))
-        int(logits[0, -1].argmax())
-        best.append(time.perf_counter() - t)
-    return statistics.median(best[1:])
+        return int(logits[0, -1].argmax())
+
+    return median_seconds(first_token, repeats)
 
 
 class _Clock:

@@ -85,17 +85,21 @@ def metric(url: str, name: str, labels: str = "") -> float:
     return total
 
 
+def _timed(start: float, pieces) -> Timing:
+    """Read a stream of text pieces to its end: time to the first non-empty piece, and to the end."""
+    first, out = None, []
+    for text in pieces:
+        if text:
+            first = first or time.perf_counter()
+            out.append(text)
+    end = time.perf_counter()
+    return Timing((first or end) - start, end - start, len(out), "".join(out))
+
+
 def ask_timed(client, text: str, image: bytes, max_tokens: int, history=()) -> Timing:
     t = time.perf_counter()
-    first, pieces, out = None, 0, []
     with client.stream(text, image=image, history=history, max_tokens=max_tokens) as answer:
-        for piece in answer:
-            if piece.text:
-                first = first or time.perf_counter()
-                pieces += 1
-                out.append(piece.text)
-    end = time.perf_counter()
-    return Timing((first or end) - t, end - t, pieces, "".join(out))
+        return _timed(t, (piece.text for piece in answer))
 
 
 def load(url: str, clients: int, per_client: int, max_tokens: int) -> tuple[list[Timing], float]:
@@ -149,14 +153,8 @@ def ask_in_process(bot, text: str, image: bytes, max_tokens: int) -> Timing:
     from mmgpt.generation import SamplingParams
 
     t = time.perf_counter()
-    first = None
     _, pieces = bot.stream(text, image=image, params=SamplingParams(max_tokens=max_tokens))
-    out = []
-    for p in pieces:
-        first = first or time.perf_counter()
-        out.append(p)
-    end = time.perf_counter()
-    return Timing((first or end) - t, end - t, len(out), "".join(out))
+    return _timed(t, pieces)
 
 
 def served(work: Path, threads: int, concurrencies: tuple[int, ...], max_tokens: int, repeats: int) -> dict:

@@ -327,11 +327,12 @@ def test_pump_passes_on_the_readers_error():
 
 
 def test_embedding_cache_is_bounded_least_recently_used_first(tiny_export):
+    from mmgpt.serving.llm import content_key
     from mmgpt.serving.stages import EmbeddingCache
 
     rows = np.zeros((4, 8), np.float32)  # 128 bytes an entry
     cache = EmbeddingCache(max_bytes=3 * rows.nbytes)
-    keys = [EmbeddingCache.key(np.full((3, 2, 2), v, np.float32)) for v in range(4)]
+    keys = [content_key(np.full((3, 2, 2), v, np.float32)) for v in range(4)]
     for k in keys[:3]:
         cache.put(k, rows)
     assert cache.get(keys[0]) is not None  # 0 is now the most recently used
@@ -339,7 +340,7 @@ def test_embedding_cache_is_bounded_least_recently_used_first(tiny_export):
     assert cache.get(keys[1]) is None and cache.get(keys[0]) is not None and cache.bytes == 3 * rows.nbytes
     with pytest.raises(ValueError):
         cache.get(keys[0])[0, 0] = 1.0  # shared with every request that hits it: read-only
-    assert EmbeddingCache.key(np.zeros((3, 2, 2), np.float32)) != EmbeddingCache.key(np.zeros((3, 4, 1), np.float32))
+    assert content_key(np.zeros((3, 2, 2), np.float32)) != content_key(np.zeros((3, 4, 1), np.float32))
 
 
 def test_vision_stage_without_a_cache_encodes_every_time(tiny_export):

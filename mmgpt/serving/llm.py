@@ -253,6 +253,14 @@ class _Row:
     reason: str | None = None  # how it finished
 
 
+def content_key(array: np.ndarray) -> bytes:
+    """A hash of an array's float32 contents and shape: the key of the image and prefix caches."""
+    import hashlib
+
+    a = np.ascontiguousarray(array, dtype=np.float32)
+    return hashlib.blake2b(a.tobytes(), digest_size=20, person=str(a.shape).encode()[:16]).digest()
+
+
 class PrefixCache:
     """The KV cache of finished sequences, reused by later requests that start with the same tokens.
 
@@ -273,15 +281,6 @@ class PrefixCache:
         self.entries: OrderedDict[int, tuple[np.ndarray, bytes | None, list[np.ndarray]]] = OrderedDict()
         self.bytes = 0
         self._next = 0
-
-    @staticmethod
-    def table_key(table: np.ndarray | None) -> bytes | None:
-        if table is None:
-            return None
-        import hashlib
-
-        t = np.ascontiguousarray(table, dtype=np.float32)
-        return hashlib.blake2b(t.tobytes(), digest_size=20, person=str(t.shape).encode()[:16]).digest()
 
     def lookup(self, ids: np.ndarray, table_key: bytes | None, vocab_size: int) -> tuple[int, list[np.ndarray]] | None:
         """(length, keys/values of ids[:length]) of the longest usable cached prefix, leaving at least one
@@ -366,7 +365,7 @@ class InflightBatcher:
         budget = min(request.params.max_tokens, self.max_context - len(request.input_ids))
         row = _Row(request, sink, Sampler(request.params, self.vocab_limit), budget)
         if self.prefix_cache is not None:
-            row.table_key = PrefixCache.table_key(request.prompt_table)
+            row.table_key = None if request.prompt_table is None else content_key(request.prompt_table)
         with self._cond:
             if self._stopped_ids.pop(request.request_id, None) is not None:
                 row.stop = True

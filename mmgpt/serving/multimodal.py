@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -229,16 +230,11 @@ class Pipeline:
         if question.image is not None:
             pixels = pixel_values([load_image(question.image, self.settings.limits)], self.image_processor)
         # Whisper and the vision encoder are separate models: with both inputs, run them at the same time.
-        image_job = None
-        if pixels is not None and question.audio is not None:
-            image_job = _Background(lambda: stages.encode_image(pixels))
-        try:
+        # Leaving the `with` waits for the encoder, so it never runs on behind an error (the audio's is raised).
+        with ThreadPoolExecutor(1) as pool:
+            image_job = pool.submit(stages.encode_image, pixels) if pixels is not None and question.audio is not None else None
             transcript = stages.transcribe(question.audio) if question.audio is not None else ""
-        except BaseException:
-            if image_job is not None:
-                image_job.wait()  # never left running behind an error; the audio's error is the one to report
-            raise
-        table = image_job.result() if image_job is not None else None
+            table = image_job.result() if image_job is not None else None
         try:
             asked = join_question(question.text, transcript)
         except ValueError as e:
@@ -275,31 +271,6 @@ class Pipeline:
         replies.piece(text.finish())
         replies.close()
         return "done"
-
-
-class _Background:
-    """One call on a helper thread; `result()` waits for it and returns its value or raises its error."""
-
-    def __init__(self, fn: Callable[[], Any]):
-        self._value: Any = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
-        self._thread.start()
-
-    def _run(self, fn: Callable[[], Any]) -> None:
-        try:
-            self._value = fn()
-        except BaseException as e:  # handed to the caller by result()
-            self._error = e
-
-    def wait(self) -> None:
-        self._thread.join()
-
-    def result(self) -> Any:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
 
 
 # ------------------------------------------------------------------------------------------------

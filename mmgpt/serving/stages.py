@@ -37,13 +37,6 @@ class EmbeddingCache:
         self.hits = 0
         self.misses = 0
 
-    @staticmethod
-    def key(pixels: np.ndarray) -> bytes:
-        import hashlib
-
-        p = np.ascontiguousarray(pixels, dtype=np.float32)
-        return hashlib.blake2b(p.tobytes(), digest_size=20, person=str(p.shape).encode()[:16]).digest()
-
     def get(self, key: bytes) -> np.ndarray | None:
         found = self.entries.get(key)
         if found is None:
@@ -80,7 +73,9 @@ class VisionStage:
         """One (b_i, 3, S, S) array per request -> one (b_i, N, D) array per request; the images not in
         the cache are encoded together in one run."""
         images = [img for b in batches for img in b]
-        keys = [self.cache.key(img) for img in images]
+        from mmgpt.serving.llm import content_key
+
+        keys = [content_key(img) for img in images]
         found = [self.cache.get(k) for k in keys]
         todo: dict[bytes, list[int]] = {}  # the same new image twice in one batch is encoded once
         for i, f in enumerate(found):
