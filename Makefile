@@ -12,6 +12,7 @@ EXPORT_DIR ?= artifacts/export
 REPO_DIR ?= artifacts/triton_repo
 INT8 ?= 0
 INT4 ?= 0
+KV ?= shared
 HOST ?= 127.0.0.1
 GRPC_PORT ?= 8001
 HTTP_PORT ?= 8000
@@ -28,7 +29,7 @@ help:
 	@echo "make install                  create .venv with everything for a CPU machine"
 	@echo "make test                     run the whole test suite (offline)"
 	@echo "make lint                     ruff"
-	@echo "make export [FROM=dir] [INT8=1|INT4=1]  export vision/LLM/Whisper to ONNX into $(EXPORT_DIR), with parity checks"
+	@echo "make export [FROM=dir] [INT8=1|INT4=1] [KV=concat]  export vision/LLM/Whisper to ONNX into $(EXPORT_DIR), with parity checks"
 	@echo "make serve                    run tritonserver on the exported repository (127.0.0.1; GRPC_PORT/HTTP_PORT/METRICS_PORT)"
 	@echo "make demo                     export if needed, serve, ask about an image and a spoken question, stop"
 	@echo "make pretrain PRESET=.. CAPTIONS=.. IMAGES=.. OUT=.. [MAX_STEPS=N]   stage 1 (projector)"
@@ -53,7 +54,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 export: install
-	$(PY) -m mmgpt.export $(if $(FROM),--checkpoint $(FROM)) --out $(EXPORT_DIR) $(if $(filter 1,$(INT8)),--int8) $(if $(filter 1,$(INT4)),--int4)
+	$(PY) -m mmgpt.export $(if $(FROM),--checkpoint $(FROM)) --out $(EXPORT_DIR) $(if $(filter 1,$(INT8)),--int8) $(if $(filter 1,$(INT4)),--int4) --kv $(KV)
 
 serve: install
 	$(PY) -m mmgpt.serving.launch --export-dir $(EXPORT_DIR) --repo-dir $(REPO_DIR) --host $(HOST) \

@@ -81,7 +81,7 @@ def llm_section(cfg: BenchConfig, work: Path, results: dict) -> None:
     from mmgpt import names
     from mmgpt.export.llm import export_llm, quantize_llm
     from mmgpt.export.vision import export_vision
-    from mmgpt.runtime import OrtLLMModel, OrtVision
+    from mmgpt.runtime import OrtVision, llm_model
 
     from . import llamacpp
     from . import llm as L
@@ -120,7 +120,7 @@ def llm_section(cfg: BenchConfig, work: Path, results: dict) -> None:
     vision = OrtVision(vision_dir, cfg.threads)
     ours = {}
     for kind, onnx_file in (("fp32", names.LLM_ONNX), ("int8", names.LLM_INT8_ONNX), ("int4", names.LLM_INT4_ONNX)):
-        ours[kind] = OrtLLMModel(llm_dir, cfg.threads, onnx_file)
+        ours[kind] = llm_model(llm_dir, cfg.threads, onnx_file)
         static["ours"][kind] = {"weight_bytes": L.onnx_weight_bytes(llm_dir / onnx_file), "onnx_file": onnx_file}
     peers = {}
     if "llamacpp" in cfg.sections:

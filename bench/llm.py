@@ -126,6 +126,20 @@ def ort_decode(model, batch: int, context: int, steps: int, seed: int = 0) -> De
     shape = (batch, model.num_kv_heads, context, model.head_dim)
     past = [(0.1 * rng.standard_normal(shape)).astype(np.float32) for _ in range(2 * model.num_layers)]
     ids = rng.integers(0, model.vocab_size, (batch, 1))
+    if getattr(model, "shared_kv", False):  # the cache written in place: filled once, rows at `context` tokens
+        cache = model.new_cache()
+        cache.reserve(batch, context + steps + 2)
+        for a, p in zip(cache.arrays, past):
+            a[:, :, :context] = p
+        lengths = np.full(batch, context)
+        times = []
+        for _ in range(steps + 2):
+            t = time.perf_counter()
+            logits = model.run(model.embed(ids, None), cache, 0, lengths)
+            ids = logits[:, -1].argmax(-1)[:, None]
+            times.append(time.perf_counter() - t)
+            lengths = lengths + 1
+        return DecodeTiming(median_ms(times[2:]))
     times = []
     for i in range(steps + 2):  # two warm-up steps
         embeds = model.embed(ids, None)
@@ -143,8 +157,11 @@ def ort_prefill_ttft(vision, model, pixels: np.ndarray, input_ids: np.ndarray, r
     ids = input_ids[None]
 
     def first_token() -> int:
-        logits, _ = model.run(model.embed(ids, vision(pixels)), np.ones(ids.shape, np.int64),
-                              np.arange(ids.shape[1], dtype=np.int64)[None], model.empty_past(1))
+        if getattr(model, "shared_kv", False):
+            logits = model.run(model.embed(ids, vision(pixels)), model.new_cache(), 0, np.zeros(1, np.int64))
+        else:
+            logits, _ = model.run(model.embed(ids, vision(pixels)), np.ones(ids.shape, np.int64),
+                                  np.arange(ids.shape[1], dtype=np.int64)[None], model.empty_past(1))
         return int(logits[0, -1].argmax())
 
     return median_seconds(first_token, repeats)

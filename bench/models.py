@@ -53,6 +53,28 @@ def whisper_base(seed: int = 0):
     return WhisperForConditionalGeneration(WhisperConfig(**WHISPER_BASE, init_std=INIT_RANGE)).eval()
 
 
+def speak_words(llm, tokenizer, penalty: float = 100.0) -> int:
+    """Make random weights answer in whole words: every token but the space-led lowercase words that the
+    tokenizer writes the same way again gets a large negative output bias.
+
+    A follow-up turn re-sends the answer as text; a server tokenizes it again and can reuse the cached keys
+    and values only where that gives the ids that were generated. A trained model's answers do (the
+    trained default's, 100 of 100); random weights' byte soup does not, which would make the bench time a
+    cache miss no real conversation has. Costs nothing: every id still goes through the same layers.
+    Returns how many tokens stay allowed.
+    """
+    import re
+
+    allowed = [
+        i for i in range(len(tokenizer))
+        if re.fullmatch(r" [a-z]{2,}", w := tokenizer.decode([i])) and tokenizer.encode(w, add_special_tokens=False) == [i]
+    ]
+    with torch.no_grad():
+        llm.lm_head.bias.fill_(-penalty)
+        llm.lm_head.bias[allowed] = 0.0
+    return len(allowed)
+
+
 def components(layers: int, vision: str = "b32", with_whisper: bool = False):
     """A project checkpoint in memory (`Components`) at Phi-2 width, for the project's own exporters."""
     from transformers import CLIPImageProcessor
@@ -73,6 +95,7 @@ def components(layers: int, vision: str = "b32", with_whisper: bool = False):
         max_context=PHI2["max_position_embeddings"], eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    speak_words(llm, tokenizer)
     torch.manual_seed(1)
     model = MultimodalPhi(config, tower, llm).eval()
     processor = CLIPImageProcessor(size={"shortest_edge": v["image_size"]},

@@ -23,7 +23,7 @@ def greedy_agreement(work: Path, questions: int, threads: int, progress: bool = 
     from mmgpt.generation import SamplingParams
     from mmgpt.inference import Assistant
     from mmgpt.presets import default_checkpoint
-    from mmgpt.runtime import OrtLLMModel, OrtVision
+    from mmgpt.runtime import OrtVision, llm_model
     from mmgpt.toy import build, generate
     from mmgpt.toy.world import normalize
 
@@ -44,7 +44,7 @@ def greedy_agreement(work: Path, questions: int, threads: int, progress: bool = 
     params = SamplingParams(max_tokens=64)
     answers: dict[str, list[str]] = {}
     for kind, onnx_file in (("fp32", names.LLM_ONNX), ("int8", names.LLM_INT8_ONNX), ("int4", names.LLM_INT4_ONNX)):
-        llm = OrtLLMModel(d / names.LLM_DIR, threads, onnx_file)
+        llm = llm_model(d / names.LLM_DIR, threads, onnx_file)
         bot = Assistant(config, tokenizer, processor, encode_image=vision, new_decoder=llm.decoder)
         answers[kind] = [
             bot.ask(r["question"], image=(world / "images" / r["image"]).read_bytes(), params=params).text

@@ -141,9 +141,9 @@ def in_process_assistant(export: Path, threads: int):
     from mmgpt import names
     from mmgpt.config import MMGPTConfig
     from mmgpt.inference import Assistant
-    from mmgpt.runtime import OrtLLMModel, OrtVision
+    from mmgpt.runtime import OrtVision, llm_model
 
-    llm = OrtLLMModel(export / names.LLM_DIR, threads)
+    llm = llm_model(export / names.LLM_DIR, threads)
     return Assistant(MMGPTConfig.load(export), AutoTokenizer.from_pretrained(export / names.TOKENIZER_DIR),
                      CLIPImageProcessor.from_pretrained(export / names.VISION_DIR),
                      encode_image=OrtVision(export / names.VISION_DIR, threads), new_decoder=llm.decoder)

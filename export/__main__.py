@@ -1,4 +1,4 @@
-"""`python -m mmgpt.export [--checkpoint DIR] [--out DIR] [--int8 | --int4] [--gpu]` (what `make export` runs)."""
+"""`python -m mmgpt.export [--checkpoint DIR] [--out DIR] [--int8 | --int4] [--kv concat|shared] [--gpu]` (what `make export` runs)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from mmgpt import names
 
 
 def main(checkpoint: str | None = None, out: str = "artifacts/export", int8: bool = False, gpu: bool = False,
-         only: tuple[str, ...] = ("vision", "llm", "whisper"), int4: bool = False) -> Path:
+         only: tuple[str, ...] = ("vision", "llm", "whisper"), int4: bool = False, kv: str = "shared") -> Path:
     """Export a checkpoint (default: the embedded default, the trained toy world) to ONNX, each part checked against PyTorch.
 
     Writes only into `out`, which is replaced whole so no stale file survives a re-export.
@@ -44,7 +44,7 @@ def main(checkpoint: str | None = None, out: str = "artifacts/export", int8: boo
     if "vision" in only:
         export_vision(c, staging / names.VISION_DIR, src)
     if "llm" in only:
-        export_llm(c, staging / names.LLM_DIR, src, int8=int8, int4=int4)
+        export_llm(c, staging / names.LLM_DIR, src, int8=int8, int4=int4, kv=kv)
     if "whisper" in only:
         export_whisper(c, staging / names.WHISPER_DIR, src)
     c.tokenizer.save_pretrained(staging / names.TOKENIZER_DIR)
@@ -71,11 +71,14 @@ def cli(argv: list[str] | None = None) -> int:
     q = p.add_mutually_exclusive_group()
     q.add_argument("--int8", action="store_true", help="also write an int8 dynamically quantized LLM decoder and serve it")
     q.add_argument("--int4", action="store_true", help="also write a 4-bit weight-only LLM decoder and serve it")
+    p.add_argument("--kv", choices=("shared", "concat"), default="shared",
+                   help="LLM decoder: 'shared' (GroupQueryAttention: the KV cache is written in place, rows keep their "
+                        "own lengths) or 'concat' (traced from transformers; each step returns a new cache)")
     p.add_argument("--gpu", action="store_true", help="also build TensorRT engines (needs a CUDA GPU)")
     p.add_argument("--only", nargs="+", choices=("vision", "llm", "whisper"), default=("vision", "llm", "whisper"))
     a = p.parse_args(argv)
     try:
-        main(a.checkpoint, a.out, a.int8, a.gpu, tuple(a.only), int4=a.int4)
+        main(a.checkpoint, a.out, a.int8, a.gpu, tuple(a.only), int4=a.int4, kv=a.kv)
     except ParityError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

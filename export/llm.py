@@ -14,6 +14,7 @@ lets one graph serve prefill (P = 0) and decode (T = 1) for any batch with left 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -66,19 +67,26 @@ def torch_run(wrapper: DecoderForExport, embeds, mask, pos, past):
     return out[0].numpy(), [o.numpy() for o in out[1:]]
 
 
+KV_LAYOUTS = ("shared", "concat")
+
+
 def export_llm(c: Components, out_dir: Path, source: str, *, int8: bool = False, int4: bool = False,
-               opset: int = 17) -> list[Parity]:
+               opset: int = 17, kv: str = "shared") -> list[Parity]:
     """The fp32 decoder (checked against PyTorch), plus the int8 and/or 4-bit one (judged and reported); the
-    export config names the last one written as the graph to serve."""
+    export config names the last one written as the graph to serve. `kv` "shared" (the default) writes the
+    decoder whose KV cache is written in place (export/llm_shared_kv.py); "concat" the one traced below."""
     from safetensors.numpy import save_file
 
-    from mmgpt.inference import TorchLLM
     from mmgpt.runtime import OrtLLMModel
 
+    if kv not in KV_LAYOUTS:
+        raise ValueError(f"kv layout {kv!r}: one of {', '.join(KV_LAYOUTS)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     llm = c.model.llm.eval()
     layers, heads, hd = llm_dims(llm)
     d = llm.config.hidden_size
+    if kv == "shared":
+        return _export_shared(c, out_dir, source, int8=int8, int4=int4, opset=opset)
     wrapper = DecoderForExport(llm).eval()
     input_names = [names.INPUTS_EMBEDS, names.ATTENTION_MASK, names.POSITION_IDS]
     output_names = [names.LOGITS]
@@ -111,22 +119,9 @@ def export_llm(c: Components, out_dir: Path, source: str, *, int8: bool = False,
         onnx_file=names.LLM_ONNX, num_layers=layers, num_kv_heads=heads, head_dim=hd, hidden_size=d,
         vocab_size=embed.shape[0],
     )
-    fp32 = OrtLLMModel(out_dir)
-    results = _logit_checks(wrapper, fp32, layers, heads, hd, d, TOLERANCE)
-    results.append(_greedy_check(c, TorchLLM(c.model), fp32))
-    check(results)  # the fp32 graph must match PyTorch; int8 is judged and reported, not enforced
-    onnx_file, precision = names.LLM_ONNX, "fp32"
-    for kind, wanted in (("int8", int8), ("int4", int4)):
-        if not wanted:
-            continue
-        onnx_file, precision = quantize_llm(path, out_dir, kind)
-        q = OrtLLMModel(out_dir, onnx_file=onnx_file)
-        report = _logit_checks(wrapper, q, layers, heads, hd, d, float("inf"))
-        report.append(_greedy_check(c, TorchLLM(c.model), q, strict=False))
-        for r in report:
-            r.name = f"{kind} " + r.name
-            print(r.line(), flush=True)
-        results += report
+    results, onnx_file, precision = _checked(
+        c, out_dir, path, lambda f: OrtLLMModel(out_dir, onnx_file=f),
+        lambda m, tol: _logit_checks(wrapper, m, layers, heads, hd, d, tol), int8=int8, int4=int4)
     io = {
         names.INPUTS_EMBEDS: {"dtype": "FP32", "shape": ["batch", "seq", d]},
         names.ATTENTION_MASK: {"dtype": "INT64", "shape": ["batch", "past_seq + seq"]},
@@ -145,6 +140,98 @@ def export_llm(c: Components, out_dir: Path, source: str, *, int8: bool = False,
     return results
 
 
+def _export_shared(c: Components, out_dir: Path, source: str, *, int8: bool, int4: bool, opset: int) -> list[Parity]:
+    from safetensors.numpy import save_file
+
+    from mmgpt.runtime import OrtSharedKVModel
+
+    from .llm_shared_kv import build_shared_kv_decoder
+
+    llm = c.model.llm.eval()
+    layers, heads, hd = llm_dims(llm)
+    d = llm.config.hidden_size
+    path = build_shared_kv_decoder(llm, out_dir / names.LLM_ONNX, opset)
+    embed = llm.get_input_embeddings().weight.detach().float().cpu().numpy()
+    save_file({names.EMBED_KEY: embed}, str(out_dir / names.LLM_EMBED))
+    dims = dict(num_layers=layers, num_kv_heads=heads, head_dim=hd, hidden_size=d, vocab_size=embed.shape[0],
+                kv_layout="shared", max_positions=llm.config.max_position_embeddings)
+    write_export_config(out_dir, kind="llm_decoder", precision="fp32", source=source, inputs={}, outputs={},
+                        parity=[], onnx_file=names.LLM_ONNX, **dims)
+    results, onnx_file, precision = _checked(
+        c, out_dir, path, lambda f: OrtSharedKVModel(out_dir, onnx_file=f),
+        lambda m, tol: _shared_logit_checks(llm, m, tol), int8=int8, int4=int4)
+    cache = {"dtype": "FP32", "shape": ["batch", heads, "capacity", hd]}
+    io = {
+        names.INPUTS_EMBEDS: {"dtype": "FP32", "shape": ["batch", "seq", d]},
+        names.POSITION_IDS: {"dtype": "INT64", "shape": ["batch", "seq"]},
+        names.SEQLENS_K: {"dtype": "INT32", "shape": ["batch"]},
+        names.TOTAL_SEQUENCE_LENGTH: {"dtype": "INT32", "shape": []},
+        **{n: cache for i in range(layers) for n in (names.past_key(i), names.past_value(i))},
+    }
+    outs = {
+        names.LOGITS: {"dtype": "FP32", "shape": ["batch", 1, embed.shape[0]]},
+        **{n: cache for i in range(layers) for n in (names.present_key(i), names.present_value(i))},
+    }
+    write_export_config(out_dir, kind="llm_decoder", precision=precision, source=source, inputs=io, outputs=outs,
+                        parity=results, onnx_file=onnx_file, fp32_onnx_file=names.LLM_ONNX,
+                        embedding_table=names.LLM_EMBED, **dims)
+    return results
+
+
+def _checked(c: Components, out_dir: Path, fp32_path: Path, open_model: Callable, logit_checks: Callable, *,
+             int8: bool, int4: bool) -> tuple[list[Parity], str, str]:
+    """Check the fp32 graph against PyTorch (enforced), then write and report the int8 / 4-bit ones (judged,
+    not enforced) -> (parity results, the graph to serve, its precision)."""
+    from mmgpt.inference import TorchLLM
+
+    fp32 = open_model(names.LLM_ONNX)
+    results = logit_checks(fp32, TOLERANCE)
+    results.append(_greedy_check(c, TorchLLM(c.model), fp32))
+    check(results)
+    onnx_file, precision = names.LLM_ONNX, "fp32"
+    for kind, wanted in (("int8", int8), ("int4", int4)):
+        if not wanted:
+            continue
+        onnx_file, precision = quantize_llm(fp32_path, out_dir, kind)
+        q = open_model(onnx_file)
+        report = logit_checks(q, float("inf"))
+        report.append(_greedy_check(c, TorchLLM(c.model), q, strict=False))
+        for r in report:
+            r.name = f"{kind} " + r.name
+            print(r.line(), flush=True)
+        results += report
+    return results, onnx_file, precision
+
+
+def _shared_logit_checks(llm, model, tolerance) -> list[Parity]:
+    """The shared-KV decoder against transformers: rows prefilled alone (one in two chunks, as after a cached
+    prefix), then batched steps with rows of different lengths, keys/values written in place."""
+    rng = np.random.default_rng(0)
+    d = llm.config.hidden_size
+    seqs = [rng.standard_normal((n, d)).astype(np.float32) for n in (7, 4, 10)]
+    cache = model.new_cache()
+
+    def reference(embeds: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return llm(inputs_embeds=torch.from_numpy(embeds)[None], logits_to_keep=1).logits[0, -1].numpy()
+
+    prefill, decode = 0.0, 0.0
+    for r, e in enumerate(seqs):
+        if r == 1:  # a chunk on top of a cached prefix
+            model.run(e[None, :2], cache, r, np.zeros(1))
+            got = model.run(e[None, 2:], cache, r, np.array([2]))
+        else:
+            got = model.run(e[None], cache, r, np.zeros(1))
+        prefill = max(prefill, max_diff(reference(e), got[0, -1]))
+    for _ in range(3):
+        new = rng.standard_normal((len(seqs), 1, d)).astype(np.float32)
+        got = model.run(new, cache, 0, np.array([len(e) for e in seqs]))
+        seqs = [np.concatenate([e, n]) for e, n in zip(seqs, new)]
+        decode = max(decode, max(max_diff(reference(e), got[i, -1]) for i, e in enumerate(seqs)))
+    return [Parity("llm shared-KV prefill (alone, and a chunk after a prefix)", prefill, tolerance),
+            Parity("llm shared-KV batched steps, rows of 8-11 tokens", decode, tolerance)]
+
+
 INT4_BLOCK = 128
 QUANTIZED = {
     "int8": (names.LLM_INT8_ONNX, "int8 (dynamic quantization: int8 weights, per-call activations)"),
@@ -160,13 +247,16 @@ def quantize_llm(fp32_path: Path, out_dir: Path, kind: str) -> tuple[str, str]:
     share a scale: measured at Phi-2 width (4 layers, 2 cores), decode 6.5 ms/token against 8.0 with blocks of
     32 (llama.cpp Q4_0's size), and on the trained default 0.915 of greedy answers equal fp32's (0.94 with 32).
     """
+    import onnx
+
     onnx_file, precision = QUANTIZED[kind]
     if kind == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        quantize_dynamic(str(fp32_path), str(out_dir / onnx_file), weight_type=QuantType.QInt8)
+        # FLOAT for tensors that ONNX's shape inference cannot type (outputs of com.microsoft attention ops)
+        quantize_dynamic(str(fp32_path), str(out_dir / onnx_file), weight_type=QuantType.QInt8,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     elif kind == "int4":
-        import onnx
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
         q = MatMulNBitsQuantizer(onnx.load(str(fp32_path)), bits=4, block_size=INT4_BLOCK, is_symmetric=True, accuracy_level=4)

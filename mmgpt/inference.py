@@ -113,10 +113,10 @@ class Assistant:
 
         from mmgpt import names
         from mmgpt.config import MMGPTConfig
-        from mmgpt.runtime import OrtLLMModel, OrtVision, OrtWhisper
+        from mmgpt.runtime import OrtVision, OrtWhisper, llm_model
 
         d = Path(export_dir)
-        llm = OrtLLMModel(d / names.LLM_DIR, threads, llm_onnx)
+        llm = llm_model(d / names.LLM_DIR, threads, llm_onnx)
         wdir = d / names.WHISPER_DIR
         return cls(
             MMGPTConfig.load(d), AutoTokenizer.from_pretrained(d / names.TOKENIZER_DIR),

@@ -12,6 +12,7 @@ LLM_DIR = "llm"
 LLM_ONNX = "decoder.onnx"
 LLM_INT8_ONNX = "decoder.int8.onnx"  # `make export INT8=1`: dynamic int8 quantization
 LLM_INT4_ONNX = "decoder.int4.onnx"  # `make export INT4=1`: weight-only 4-bit (MatMulNBits)
+LLM_SHARED_ONNX = "decoder.shared_kv.onnx"  # `make export KV=shared`: KV cache written in place (GQA)
 LLM_EMBED = "embed_tokens.safetensors"  # (V, D) token embedding table, key EMBED_KEY
 EMBED_KEY = "embed_tokens"
 WHISPER_DIR = "whisper"
@@ -29,7 +30,10 @@ IMAGE_EMBEDS = "image_embeds"  # (B, N, D) float32: the prompt table rows
 INPUTS_EMBEDS = "inputs_embeds"  # (B, T, D)
 ATTENTION_MASK = "attention_mask"  # (B, P + T) int64, 1 = real token
 POSITION_IDS = "position_ids"  # (B, T) int64
-LOGITS = "logits"  # (B, T, V)
+LOGITS = "logits"  # (B, 1, V): the last position's
+# the shared-KV decoder (`make export KV=shared`): per-row lengths instead of a mask
+SEQLENS_K = "seqlens_k"  # (B,) int32: tokens in each row after the call, minus one
+TOTAL_SEQUENCE_LENGTH = "total_sequence_length"  # () int32: max(seqlens_k) + 1
 
 
 def past_key(i: int) -> str:

@@ -130,6 +130,149 @@ class OrtLLM:
         return logits[0, -1]
 
 
+class KVCache:
+    """Key/value buffers written in place by the shared-KV decoder: 2L arrays of (rows, H, capacity, hd).
+
+    Row r's first `n` columns hold its n tokens; a step appends one column per row where the graph's
+    `seqlens_k` says. Capacity grows by whole blocks (the arrays are copied once then, never per step);
+    rows are slots that the caller keeps compact (`move`), so a batch of n rows is the contiguous view
+    [:n], which ONNX Runtime binds without a copy.
+    """
+
+    BLOCK = 256  # capacity grows in multiples of this many tokens
+
+    def __init__(self, layers: int, heads: int, head_dim: int, max_capacity: int):
+        self.layers, self.heads, self.head_dim, self.max_capacity = layers, heads, head_dim, max_capacity
+        self.arrays: list[np.ndarray] = [np.zeros((0, heads, 0, head_dim), np.float32) for _ in range(2 * layers)]
+
+    @property
+    def rows(self) -> int:
+        return self.arrays[0].shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.arrays[0].shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays)
+
+    def reserve(self, rows: int, tokens: int) -> None:
+        """Room for `rows` rows of `tokens` tokens each (grown, never shrunk)."""
+        if tokens > self.max_capacity:
+            raise ValueError(f"{tokens} tokens exceed the cache's limit of {self.max_capacity}")
+        if rows <= self.rows and tokens <= self.capacity:
+            return
+        new_rows = max(rows, self.rows)
+        new_cap = min(self.max_capacity, max(self.capacity, -(-tokens // self.BLOCK) * self.BLOCK))
+        grown = []
+        for a in self.arrays:
+            b = np.zeros((new_rows, self.heads, new_cap, self.head_dim), np.float32)
+            b[: a.shape[0], :, : a.shape[2]] = a
+            grown.append(b)
+        self.arrays = grown
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy row src's first `length` columns into row dst (compacting after a row leaves)."""
+        for a in self.arrays:
+            a[dst, :, :length] = a[src, :, :length]
+
+    def read(self, row: int, length: int) -> list[np.ndarray]:
+        """A copy of row's first `length` columns: 2L x (1, H, length, hd)."""
+        return [a[row : row + 1, :, :length].copy() for a in self.arrays]
+
+    def write(self, row: int, past: list[np.ndarray]) -> None:
+        """Put 2L x (1, H, n, hd) into row's first n columns (a cached prefix)."""
+        n = past[0].shape[2]
+        self.reserve(row + 1, n)
+        for a, p in zip(self.arrays, past):
+            a[row, :, :n] = p[0]
+
+
+class OrtSharedKVModel:
+    """The shared-KV decoder (export/llm_shared_kv.py): rows of a batch keep their own lengths and a step
+    writes each row's new keys/values into `KVCache` in place (IO binding: past and present are one buffer).
+    `decoder()` gives a single-sequence `LLMDecoder` for the shared generation loop."""
+
+    shared_kv = True
+
+    def __init__(self, engine_dir: str | Path, threads: int | None = None, onnx_file: str | None = None):
+        from safetensors.numpy import load_file
+
+        engine_dir = Path(engine_dir)
+        self.export_config = read_export_config(engine_dir)
+        self.session = ort_session(engine_dir / (onnx_file or self.export_config["onnx_file"]), threads)
+        self.embed_table = load_file(str(engine_dir / names.LLM_EMBED))[names.EMBED_KEY]
+        self.vocab_size = self.embed_table.shape[0]
+        self.num_layers = self.export_config["num_layers"]
+        self.num_kv_heads = self.export_config["num_kv_heads"]
+        self.head_dim = self.export_config["head_dim"]
+        self.max_context = self.export_config["max_positions"]
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.num_layers, self.num_kv_heads, self.head_dim, self.max_context)
+
+    def embed(self, input_ids: np.ndarray, prompt_table: np.ndarray | None) -> np.ndarray:
+        return splice_numpy(input_ids, self.embed_table, prompt_table, self.vocab_size)
+
+    def run(self, inputs_embeds: np.ndarray, cache: KVCache, first_row: int, lengths: np.ndarray) -> np.ndarray:
+        """Rows first_row .. first_row + B - 1 of `cache`, holding `lengths` (B,) tokens, take the (B, S, D)
+        new positions; their keys/values are written after each row's tokens -> logits of position S - 1
+        (B, 1, V). Rows that take S > 1 new positions must all hold the same number of tokens' room."""
+        from onnxruntime import OrtValue
+
+        b, s = inputs_embeds.shape[:2]
+        lengths = np.asarray(lengths, np.int64)
+        cache.reserve(first_row + b, int(lengths.max()) + s)
+        io = self.session.io_binding()
+        io.bind_cpu_input(names.INPUTS_EMBEDS, np.ascontiguousarray(inputs_embeds, np.float32))
+        io.bind_cpu_input(names.POSITION_IDS, lengths[:, None] + np.arange(s, dtype=np.int64)[None])
+        seqlens = (lengths + s - 1).astype(np.int32)
+        io.bind_cpu_input(names.SEQLENS_K, seqlens)
+        io.bind_cpu_input(names.TOTAL_SEQUENCE_LENGTH, np.array(seqlens.max() + 1, np.int32))
+        io.bind_output(names.LOGITS)
+        for i in range(self.num_layers):
+            for past, present, a in ((names.past_key(i), names.present_key(i), cache.arrays[2 * i]),
+                                     (names.past_value(i), names.present_value(i), cache.arrays[2 * i + 1])):
+                buf = OrtValue.ortvalue_from_numpy(a[first_row : first_row + b])  # a view: written in place
+                io.bind_ortvalue_input(past, buf)
+                io.bind_ortvalue_output(present, buf)
+        self.session.run_with_iobinding(io)
+        return io.get_outputs()[0].numpy()
+
+    def decoder(self) -> OrtSharedLLM:
+        return OrtSharedLLM(self)
+
+
+class OrtSharedLLM:
+    """`LLMDecoder` for one sequence over OrtSharedKVModel."""
+
+    def __init__(self, model: OrtSharedKVModel):
+        self.model = model
+        self.cache = model.new_cache()
+        self.length = 0
+
+    def prefill(self, input_ids: np.ndarray, prompt_table: np.ndarray | None) -> np.ndarray:
+        table = None if prompt_table is None else prompt_table[None]
+        self.length = 0
+        logits = self.model.run(self.model.embed(input_ids[None], table), self.cache, 0, np.zeros(1, np.int64))
+        self.length = len(input_ids)
+        return logits[0, -1]
+
+    def step(self, token_id: int) -> np.ndarray:
+        embeds = self.model.embed(np.array([[token_id]], np.int64), None)
+        logits = self.model.run(embeds, self.cache, 0, np.array([self.length]))
+        self.length += 1
+        return logits[0, -1]
+
+
+def llm_model(engine_dir: str | Path, threads: int | None = None, onnx_file: str | None = None):
+    """The runtime for an LLM export: shared-KV or the traced decoder, as its export config says."""
+    if read_export_config(engine_dir).get("kv_layout") == "shared":
+        return OrtSharedKVModel(engine_dir, threads, onnx_file)
+    return OrtLLMModel(engine_dir, threads, onnx_file)
+
+
 class OrtWhisper:
     """`WhisperDecoder` over optimum's encoder / decoder / decoder-with-past ONNX files."""
 

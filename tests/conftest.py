@@ -39,3 +39,11 @@ def tiny_export(tiny_checkpoint, tmp_path_factory) -> Path:
     from mmgpt.export.__main__ import main
 
     return main(str(tiny_checkpoint), str(tmp_path_factory.mktemp("export") / "export"), int8=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_export_concat_kv(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The same export with the traced decoder (`make export KV=concat`), LLM and tokenizer only."""
+    from mmgpt.export.__main__ import main
+
+    return main(str(tiny_checkpoint), str(tmp_path_factory.mktemp("export-concat") / "export"), only=("llm",), kv="concat")

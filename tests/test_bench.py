@@ -91,12 +91,13 @@ def test_onnx_weight_bytes_counts_every_initializer(tmp_path):
     assert onnx_weight_bytes(path) == 10 * 20 * 4 + 5 * 5
 
 
-def test_decode_timers_run_the_same_number_of_tokens(tiny_export, tiny_components):
+def test_decode_timers_run_the_same_number_of_tokens(tiny_export, tiny_export_concat_kv, tiny_components):
     from mmgpt.bench.llm import hf_generate, ort_decode
-    from mmgpt.runtime import OrtLLMModel
+    from mmgpt.runtime import llm_model
 
-    ort = ort_decode(OrtLLMModel(tiny_export / names.LLM_DIR, threads=1), batch=3, context=16, steps=4)
-    assert np.isfinite(ort.ms_per_token) and ort.ms_per_token > 0
+    for export in (tiny_export, tiny_export_concat_kv):  # both decoder layouts
+        ort = ort_decode(llm_model(export / names.LLM_DIR, threads=1), batch=3, context=16, steps=4)
+        assert np.isfinite(ort.ms_per_token) and ort.ms_per_token > 0
     import torch
 
     llm = tiny_components.model.llm.eval()
@@ -113,3 +114,30 @@ def test_a_missing_llamacpp_says_how_to_get_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import fails as on a machine without the extra
     with pytest.raises(llamacpp.Unavailable, match="make bench"):
         llamacpp.check_available()
+
+
+def test_bench_weights_answer_in_words_that_tokenize_back_to_the_same_ids():
+    """The second-turn figure reuses the first answer's KV only if its text re-tokenizes to the same ids."""
+    import torch
+    from transformers import PhiConfig, PhiForCausalLM
+
+    from mmgpt.bench.models import speak_words
+    from mmgpt.presets import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    llm = PhiForCausalLM(PhiConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, initializer_range=0.1)).eval()
+    prompt = torch.tensor([tokenizer.encode("User: what is there?\nAssistant:")])
+
+    def answer() -> list[int]:
+        out = llm.generate(prompt, max_new_tokens=40, min_new_tokens=40, do_sample=False, pad_token_id=0)
+        return out[0, prompt.shape[1]:].tolist()
+
+    before = answer()
+    assert tokenizer.encode(" " + tokenizer.decode(before).strip()) != before  # byte soup does not round-trip
+    allowed = speak_words(llm, tokenizer)
+    ids = answer()
+    assert 10 < allowed < len(tokenizer)
+    assert len(set(ids)) > 3
+    assert tokenizer.encode(" " + tokenizer.decode(ids).strip()) == ids

@@ -74,7 +74,7 @@ def test_whisper_transcript_equals_pytorch(reference, exported):
 
 def test_int8_switch(tiny_checkpoint, tmp_path):
     from mmgpt.export.__main__ import main
-    from mmgpt.runtime import OrtLLMModel
+    from mmgpt.runtime import OrtSharedKVModel, llm_model
 
     out = main(str(tiny_checkpoint), str(tmp_path / "q"), int8=True, only=("llm",))
     rec = json.loads((out / names.LLM_DIR / names.EXPORT_CONFIG).read_text())
@@ -82,7 +82,9 @@ def test_int8_switch(tiny_checkpoint, tmp_path):
     assert any(p["check"].startswith("int8 ") for p in rec["parity"])
     fp32 = (out / names.LLM_DIR / names.LLM_ONNX).stat().st_size
     assert (out / names.LLM_DIR / names.LLM_INT8_ONNX).stat().st_size < fp32
-    logits = OrtLLMModel(out / names.LLM_DIR).decoder().prefill(np.array([1, 2, 3]), None)
+    model = llm_model(out / names.LLM_DIR)
+    assert isinstance(model, OrtSharedKVModel)  # the default layout
+    logits = model.decoder().prefill(np.array([1, 2, 3]), None)
     assert np.isfinite(logits).all()
 
 
@@ -137,7 +139,7 @@ def test_int4_switch(tiny_checkpoint, tmp_path):
     import onnx
 
     from mmgpt.export.__main__ import main
-    from mmgpt.runtime import OrtLLMModel
+    from mmgpt.runtime import OrtSharedKVModel, llm_model
 
     out = main(str(tiny_checkpoint), str(tmp_path / "q4"), only=("llm",), int4=True)
     rec = json.loads((out / names.LLM_DIR / names.EXPORT_CONFIG).read_text())
@@ -146,7 +148,9 @@ def test_int4_switch(tiny_checkpoint, tmp_path):
     graph = onnx.load(str(out / names.LLM_DIR / names.LLM_INT4_ONNX), load_external_data=False).graph
     ops = {n.op_type for n in graph.node}
     assert "MatMulNBits" in ops, ops  # weight-only 4-bit blocks, not a de-quantized copy
-    logits = OrtLLMModel(out / names.LLM_DIR).decoder().prefill(np.array([1, 2, 3]), None)
+    model = llm_model(out / names.LLM_DIR)
+    assert isinstance(model, OrtSharedKVModel)  # the default layout
+    logits = model.decoder().prefill(np.array([1, 2, 3]), None)
     assert np.isfinite(logits).all()
 
 

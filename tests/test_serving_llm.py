@@ -1,7 +1,8 @@
 """The `llm` model's logic without Triton: TensorRT-LLM-style request parsing and in-flight batching.
 
-The batcher runs the tiny export's real ONNX decoder; the reference is the one-sequence loop every
-runtime shares (`generate_ids` over `OrtLLM`), so "batched == alone" is checked token for token.
+The batcher runs the tiny export's real ONNX decoder, both kinds (the traced one whose steps return a new
+cache, and the shared-KV one written in place); the reference is the one-sequence loop every runtime shares
+(`generate_ids` over the export's single-sequence decoder), so "batched == alone" is checked token for token.
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ QUESTIONS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def stage(tiny_export) -> LLMStage:
+@pytest.fixture(scope="module", params=["shared", "concat"], ids=["kv-shared", "kv-concat"])
+def stage(request, tiny_export) -> LLMStage:
+    if request.param == "concat":
+        return LLMStage(request.getfixturevalue("tiny_export_concat_kv"))
     return LLMStage(tiny_export)
 
 
@@ -95,7 +98,8 @@ def test_batched_equals_one_by_one(stage, tokenizer, sampling):
         assert sink.reason in ("end", "length")
     assert b.stats.max_batch == len(requests)  # they really shared the steps
     assert b.stats.decode_rows > b.stats.decode_steps
-    assert b.stats.prefills == 1 and b.stats.prefill_rows == len(requests)  # one batched, left-padded prefill
+    # the traced decoder prefills arrivals in one left-padded call; the shared-KV one reads each prompt alone
+    assert b.stats.prefills == (len(requests) if b.shared_kv else 1) and b.stats.prefill_rows == len(requests)
 
 
 def test_rows_join_and_leave_mid_flight(stage, tokenizer):
@@ -117,6 +121,30 @@ def test_rows_join_and_leave_mid_flight(stage, tokenizer):
     assert b.stats.prefill_rows == len(requests)
     assert b._past is None and b._rows == []  # everything left; nothing held
     assert b.stats.max_batch > 1
+
+
+def test_a_long_prompt_is_read_in_chunks_while_running_rows_keep_decoding(stage, tokenizer):
+    """Shared-KV: each iteration reads at most `prefill_chunk` prompt tokens, then every running row decodes."""
+    if not getattr(stage.model, "shared_kv", False):
+        pytest.skip("the traced decoder prefills whole prompts")
+    short, long = make_requests(stage, tokenizer, 2)  # 60 prompt tokens with the image
+    short = GenerationRequest(**{**short.__dict__, "input_ids": short.input_ids[-5:], "prompt_table": None,
+                                 "params": SamplingParams(max_tokens=60), "end_id": -1})
+    chunk = 8
+    b = stage.batcher(4, prefill_chunk=chunk)
+    s1, s2 = ListSink(), ListSink()
+    b.submit(short, s1)
+    b.step()
+    b.submit(long, s2)
+    iterations = 0
+    while not s2.ids:  # the long prompt is being read
+        before = len(s1.ids)
+        b.step()
+        iterations += 1
+        assert len(s1.ids) == before + 1  # the running row got its token every iteration
+    assert iterations == -(-len(long.input_ids) // chunk)
+    b.run_until_idle()
+    assert s1.ids == alone(stage, short) and s2.ids == alone(stage, long)
 
 
 def test_streaming_sends_each_token_and_non_streaming_one_chunk(stage, tokenizer):
@@ -196,17 +224,14 @@ class _Broken:
         self.model = model
         self.fail = False
 
-    def embed(self, ids, table):
-        return self.model.embed(ids, table)
+    def __getattr__(self, name):  # everything else as the real model has it
+        return getattr(self.model, name)
 
-    def empty_past(self, b):
-        return self.model.empty_past(b)
-
-    def run(self, embeds, mask, pos, past):
+    def run(self, *args):
         if self.fail:
             self.fail = False
             raise RuntimeError("device lost")
-        return self.model.run(embeds, mask, pos, past)
+        return self.model.run(*args)
 
 
 def test_a_failed_step_fails_its_rows_and_the_batcher_keeps_serving(stage, tokenizer):

@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="ONNX Runtime intra-op threads per session (default 0 = all cores)")
     p.add_argument("--prefix-cache-mb", type=int, default=defaults.llm_prefix_cache_mb,
                    help=f"keys/values of finished sequences kept for later turns (default {defaults.llm_prefix_cache_mb}; 0 = off)")
+    p.add_argument("--prefill-chunk", type=int, default=defaults.llm_prefill_chunk_tokens,
+                   help=f"prompt tokens a shared-KV decoder reads per iteration (default {defaults.llm_prefill_chunk_tokens})")
     p.add_argument("--vision-cache-mb", type=int, default=defaults.vision_cache_mb,
                    help=f"image embeddings kept for repeated images (default {defaults.vision_cache_mb}; 0 = off)")
     a = p.parse_args(argv)
@@ -43,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         repo = assemble_repository(a.export_dir, a.repo_dir, llm_max_batch_size=a.max_inflight,
                                    entry_instances=a.entry_instances, ort_threads=a.ort_threads,
-                                   llm_prefix_cache_mb=a.prefix_cache_mb, vision_cache_mb=a.vision_cache_mb)
+                                   llm_prefix_cache_mb=a.prefix_cache_mb, vision_cache_mb=a.vision_cache_mb,
+                                   llm_prefill_chunk_tokens=a.prefill_chunk)
     except (ExportMissingError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

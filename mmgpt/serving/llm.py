@@ -339,9 +339,12 @@ class InflightBatcher:
         max_context: int,
         on_iteration: Callable[[BatcherStats], None] | None = None,
         prefix_cache_bytes: int = 0,
+        prefill_chunk: int = 256,
     ):
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        if prefill_chunk < 1:
+            raise ValueError("prefill_chunk must be >= 1")
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self.model = model
         self.max_batch = max_batch
@@ -357,6 +360,14 @@ class InflightBatcher:
         self._stopped_ids: dict[str, float] = {}  # stop requests that came before their request
         self._thread: threading.Thread | None = None
         self._shutdown = False
+        # A shared-KV decoder (`OrtSharedKVModel`): row i of self._rows is row i of one cache written in place;
+        # a new prompt is read into its own cache, at most `prefill_chunk` tokens an iteration, then joins.
+        self.shared_kv = bool(getattr(model, "shared_kv", False))
+        self.prefill_chunk = prefill_chunk
+        if self.shared_kv:
+            self._cache = model.new_cache()
+            self._reading = model.new_cache()  # the prompt being read
+        self._prefilling: _Row | None = None
 
     # -- the public, thread-safe side --------------------------------------------------------------
 
@@ -376,7 +387,7 @@ class InflightBatcher:
         """Stop every sequence with this request id at the next iteration (TensorRT-LLM's `stop`)."""
         with self._cond:
             found = False
-            for row in self._waiting + self._rows:
+            for row in self._waiting + self._rows + ([self._prefilling] if self._prefilling else []):
                 if row.request.request_id == request_id:
                     row.stop = found = True
             if not found:  # it may still be on its way: remember briefly
@@ -387,7 +398,7 @@ class InflightBatcher:
 
     def active(self) -> int:
         with self._cond:
-            return len(self._rows) + len(self._waiting)
+            return len(self._rows) + len(self._waiting) + (self._prefilling is not None)
 
     def start(self) -> InflightBatcher:
         """Run iterations in a background thread until `shutdown`."""
@@ -416,7 +427,7 @@ class InflightBatcher:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._shutdown or self._waiting or self._rows)
+                self._cond.wait_for(lambda: self._shutdown or self._waiting or self._rows or self._prefilling)
                 if self._shutdown:
                     return
             try:
@@ -426,12 +437,15 @@ class InflightBatcher:
 
     def _take_all(self) -> list[_Row]:
         with self._cond:
-            rows, self._rows, self._waiting = self._rows + self._waiting, [], []
-            self._past = self._mask = None
+            reading = [self._prefilling] if self._prefilling is not None else []
+            rows, self._rows, self._waiting = reading + self._rows + self._waiting, [], []
+            self._past = self._mask = self._prefilling = None
         return rows
 
     def step(self) -> bool:
         """One iteration: drop stopped rows, prefill arrivals, one decode step. False when idle."""
+        if self.shared_kv:
+            return self._step_shared()
         with self._cond:
             room = self.max_batch - len(self._rows)
             arrivals, self._waiting = self._waiting[: max(room, 0)], self._waiting[max(room, 0) :]
@@ -450,13 +464,16 @@ class InflightBatcher:
             for row in failed:
                 self._finish(row, "error", f"generation failed: {e}")
             raise
+        self._iteration_done()
+        return True
+
+    def _iteration_done(self) -> None:
         self.stats.max_batch = max(self.stats.max_batch, len(self._rows))
         if self.on_iteration is not None:
             try:
                 self.on_iteration(self.stats)
             except Exception:  # metrics must never stop generation
                 log.exception("on_iteration callback failed")
-        return True
 
     def _cancel_if_stopped(self, row: _Row) -> bool:
         if row.stop or row.sink.cancelled():
@@ -526,18 +543,23 @@ class InflightBatcher:
         positions = np.array([[r.length] for r in rows], np.int64)
         logits, self._past = self.model.run(embeds, mask, positions, self._past)
         self._mask = mask
-        self.stats.decode_steps += 1
-        self.stats.decode_rows += len(rows)
-        done = []
-        for i, row in enumerate(rows):
-            row.length += 1
-            if not self._advance(row, logits[i, -1]):
-                done.append(i)
+        done = self._sample_step(logits)
         if done:
             if self.prefix_cache is not None:
                 for i in done:
                     self._remember(i)
             self._remove(done)
+
+    def _sample_step(self, logits: np.ndarray) -> list[int]:
+        """After a decode step: each row's token fed, its next one sampled -> indices of finished rows."""
+        self.stats.decode_steps += 1
+        self.stats.decode_rows += len(self._rows)
+        done = []
+        for i, row in enumerate(self._rows):
+            row.length += 1
+            if not self._advance(row, logits[i, -1]):
+                done.append(i)
+        return done
 
     def _remember(self, i: int) -> None:
         """Keep the keys and values of row i (its real, rightmost columns) for a later request's prefix."""
@@ -580,6 +602,111 @@ class InflightBatcher:
             row.sink.finish(reason, error)
         except Exception:  # a sink that cannot send (client gone) must not stop the batch
             log.exception("sending the end of request %s failed", row.request.request_id)
+
+    # -- a shared-KV decoder: keys/values written in place, prompts read in chunks ------------------
+
+    def _step_shared(self) -> bool:
+        """One iteration: drop stopped rows; read up to `prefill_chunk` prompt tokens (finishing prompts
+        join the batch); one decode step for the batch. Decoding rows wait for at most one chunk, however
+        long a new prompt is."""
+        with self._cond:
+            if not self._waiting and not self._rows and self._prefilling is None:
+                return False
+        self.stats.iterations += 1
+        self._drop_shared(lambda r: r.stop or r.sink.cancelled())
+        row = None
+        try:
+            budget = self.prefill_chunk
+            while budget > 0 and len(self._rows) < self.max_batch:
+                row = self._prefilling or self._next_arrival()
+                if row is None:
+                    break
+                budget -= self._read_chunk(row, budget)
+            row = None
+            if self._rows:
+                self._decode_shared()
+        except Exception as e:
+            failed = [r for r in (row, self._prefilling) if r is not None] + self._rows
+            self._rows, self._prefilling = [], None
+            for r in failed:
+                self._finish(r, "error", f"generation failed: {e}")
+            raise
+        self._iteration_done()
+        return True
+
+    def _next_arrival(self) -> _Row | None:
+        """The next waiting row to read, its cached prefix (if any) already in the reading cache."""
+        while True:
+            with self._cond:
+                if not self._waiting:
+                    return None
+                row = self._waiting.pop(0)
+            if self._cancel_if_stopped(row):
+                continue
+            row.length = 0
+            if self.prefix_cache is not None:
+                found = self.prefix_cache.lookup(row.request.input_ids, row.table_key, self.model.vocab_size)
+                if found is not None:
+                    row.length, past = found
+                    self._reading.write(0, past)
+                    self.stats.prefix_hits += 1
+                    self.stats.prefix_tokens += row.length
+            self._prefilling = row
+            return row
+
+    def _read_chunk(self, row: _Row, budget: int) -> int:
+        """Read up to `budget` more prompt tokens of the row being prefilled -> tokens read. At the end of
+        the prompt its first token is sampled and the row joins the batch (or finishes)."""
+        if self._cancel_if_stopped(row):
+            self._prefilling = None
+            return 0
+        ids = row.request.input_ids
+        chunk = ids[row.length : row.length + budget]
+        logits = self.model.run(self.model.embed(chunk[None], _table(row)), self._reading, 0, np.array([row.length]))
+        row.length += len(chunk)
+        if row.length < len(ids):
+            return len(chunk)
+        self._prefilling = None
+        self.stats.prefills += 1
+        self.stats.prefill_rows += 1
+        if self._advance(row, logits[0, -1]):
+            slot = len(self._rows)
+            self._cache.reserve(slot + 1, row.length + 1)
+            for a, b in zip(self._cache.arrays, self._reading.arrays):
+                a[slot, :, : row.length] = b[0, :, : row.length]
+            self._rows.append(row)
+        return len(chunk)
+
+    def _decode_shared(self) -> None:
+        rows = self._rows
+        ids = np.array([[r.pending] for r in rows], np.int64)
+        for r in rows:
+            r.fed.append(r.pending)
+        logits = self.model.run(self.model.embed(ids, None), self._cache, 0, np.array([r.length for r in rows]))
+        done = self._sample_step(logits)
+        if self.prefix_cache is not None:
+            for i in done:
+                row = rows[i]
+                if row.reason in ("end", "length"):
+                    ids = np.concatenate([row.request.input_ids, np.asarray(row.fed, np.int64)])
+                    self.prefix_cache.put(ids, row.table_key, self._cache.read(i, row.length))
+        self._remove_shared(done)
+
+    def _drop_shared(self, predicate: Callable[[_Row], bool]) -> None:
+        gone = [i for i, r in enumerate(self._rows) if predicate(r)]
+        rows = [self._rows[i] for i in gone]
+        self._remove_shared(gone)
+        for row in rows:
+            self._finish(row, "cancelled")
+
+    def _remove_shared(self, indices: list[int]) -> None:
+        """Take rows out and keep the batch compact: the last row moves into each hole (its keys/values too)."""
+        for i in sorted(indices, reverse=True):
+            last = len(self._rows) - 1
+            if i != last:
+                self._cache.move(last, i, self._rows[last].length)
+                self._rows[i] = self._rows[last]
+            self._rows.pop()
 
     # -- the shared KV cache -----------------------------------------------------------------------
 

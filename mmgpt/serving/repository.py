@@ -53,6 +53,9 @@ class ServeSettings:
     # keys/values of finished sequences kept for later requests that start the same way (a conversation's
     # next turn, a shared system prompt); 0 = off. A Phi-2 token costs 640 KiB in fp32.
     llm_prefix_cache_mb: int = 1024
+    # a shared-KV decoder reads new prompts at most this many tokens an iteration, so running answers wait
+    # for one chunk, not for a whole long prompt (the traced decoder prefills whole prompts)
+    llm_prefill_chunk_tokens: int = 256
     entry_instances: int = 8  # requests the entry point answers at once (one per instance)
     vision_max_batch_size: int = 8
     vision_max_queue_delay_us: int = 2000
@@ -67,7 +70,7 @@ class ServeSettings:
         if self.include_llm and self.prompt_embedding_table_data_type != "TYPE_FP32":
             raise ValueError("the ONNX Runtime llm model takes an FP32 prompt table")
         for name in ("max_image_bytes", "max_image_pixels", "max_audio_bytes", "llm_max_batch_size", "vision_max_batch_size",
-                     "entry_instances"):
+                     "entry_instances", "llm_prefill_chunk_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.vision_cache_mb < 0 or self.llm_prefix_cache_mb < 0:
@@ -153,6 +156,7 @@ def assemble_repository(export_dir: str | Path, repo_dir: str | Path, **settings
             "llm_model_name": s.llm_model_name,
             "llm_max_batch_size": s.llm_max_batch_size,
             "llm_prefix_cache_mb": s.llm_prefix_cache_mb,
+            "llm_prefill_chunk_tokens": s.llm_prefill_chunk_tokens,
             "prompt_embedding_table_data_type": s.prompt_embedding_table_data_type,
             "ort_threads": s.ort_threads,
             "warmup_prompt_tokens": len(warmup_ids),

@@ -125,11 +125,11 @@ class LLMStage:
     def __init__(self, export_dir: str | Path, threads: int = 0):
         from transformers import AutoTokenizer
 
-        from mmgpt.runtime import OrtLLMModel
+        from mmgpt.runtime import llm_model
 
         export_dir = Path(export_dir)
         self.config = MMGPTConfig.load(export_dir)
-        self.model = OrtLLMModel(export_dir / names.LLM_DIR, _threads(threads))
+        self.model = llm_model(export_dir / names.LLM_DIR, _threads(threads))
         # Ids past the tokenizer (padding rows of the embedding table) are never sampled, as in `mmgpt ask`.
         self.vocab_limit = len(AutoTokenizer.from_pretrained(export_dir / names.TOKENIZER_DIR))
 
@@ -142,10 +142,10 @@ class LLMStage:
             default_pad_id=self.config.pad_token_id,
         )
 
-    def batcher(self, max_batch: int, on_iteration=None, prefix_cache_bytes: int = 0):
+    def batcher(self, max_batch: int, on_iteration=None, prefix_cache_bytes: int = 0, prefill_chunk: int = 256):
         from mmgpt.serving.llm import InflightBatcher
 
         return InflightBatcher(
             self.model, max_batch=max_batch, vocab_limit=self.vocab_limit, max_context=self.config.max_context,
-            on_iteration=on_iteration, prefix_cache_bytes=prefix_cache_bytes,
+            on_iteration=on_iteration, prefix_cache_bytes=prefix_cache_bytes, prefill_chunk=prefill_chunk,
         )

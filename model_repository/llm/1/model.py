@@ -106,6 +106,7 @@ class TritonPythonModel:
         self.batcher = self.stage.batcher(
             int(params["max_inflight"]), on_iteration=lambda stats: self.metrics.update(stats, self.batcher.active()),
             prefix_cache_bytes=int(params["prefix_cache_mb"]) * 2**20,
+            prefill_chunk=int(params["prefill_chunk_tokens"]),
         ).start()
 
     def execute(self, requests):
