@@ -160,6 +160,8 @@ def llm_section(cfg: BenchConfig, work: Path, results: dict) -> None:
             rd["ours"][kind][f"decode_ms_b{cfg.batch}_c{big}"] = L.ort_decode(m, cfg.batch, big, cfg.steps, cfg.seed).ms_per_token
         rd["probes"].append(probe.measure())
         rd["bandwidth_gbs"] = max(x["bandwidth_gbs"] for x in rd["probes"])
+        rd["gemm_fp32_gflops"] = max(x.get("gemm_fp32_gflops", 0.0) for x in rd["probes"])
+        rd["gemm8_fp32_weights_gbs"] = max(x.get("gemm8_fp32_weights_gbs", 0.0) for x in rd["probes"])
         rounds.append(rd)
     probe.close()
     results["rounds"] = [_with_static(rd, static) for rd in rounds]

@@ -63,6 +63,21 @@ class BandwidthProbe:
         torch.set_num_threads(threads)
         tw, tx = torch.full((k, int(gib * GIB / 4 / k)), 0.01), torch.ones((1, k))
         self.runs["torch_gemv_fp32"] = (lambda: torch.mm(tx, tw), tw.numel() * 4)
+        # Compute, not bandwidth: 64 rows through a Phi-2 MLP-sized constant weight (2560 x 10240), the fp32
+        # GEMM a batched decode step is made of, at enough rows that the weight's bytes do not limit it.
+        # And the same constant 1 GiB weight as the GEMV above at 8 rows (a batch-8 decode step's shape), as the
+        # GB/s of weights it reads: how far the kernel is from the GEMV's rate when the rows are few.
+        self.gemm = {}
+        for name, m, kk, n in (("gemm_fp32_gflops", 64, 2560, 10240), ("gemm8_fp32_weights_gbs", 8, k, int(gib * GIB / 4 / k))):
+            graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], name,
+                                      [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, kk])],
+                                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
+                                      initializer=[numpy_helper.from_array(np.full((kk, n), 0.01, np.float32), "w")])
+            path = Path(self._tmp.name) / f"{name}.onnx"
+            onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+            session, gx = ort_session(path, threads), np.ones((m, kk), np.float32)
+            work = 2 * m * kk * n if name.endswith("gflops") else kk * n * 4  # flops, or weight bytes
+            self.gemm[name] = (lambda session=session, gx=gx: session.run(["y"], {"x": gx}), work)
 
     def measure(self, repeats: int = 10) -> dict:
         out = {}
@@ -72,10 +87,14 @@ class BandwidthProbe:
                 best = min(_seconds(run) for _ in range(repeats))
                 out[f"{name}_gbs"] = nbytes / best / 1e9
         out["bandwidth_gbs"] = max(out.values())
+        for name, (run, work) in self.gemm.items():
+            run()
+            out[name] = work / min(_seconds(run) for _ in range(repeats)) / 1e9
         return out
 
     def close(self) -> None:
         self.runs.clear()
+        self.gemm.clear()
         self._tmp.cleanup()
 
 

@@ -34,9 +34,9 @@ def greedy_agreement(work: Path, questions: int, threads: int, progress: bool = 
         generate.write_world(world, **record["world"], splits=("eval",), progress=progress)
     rows = generate.read_eval(world / "eval.jsonl", "vqa")[:questions]
     d = work / "export"
-    if not (d / names.LLM_DIR / names.LLM_INT4_ONNX).is_file():
-        export(str(checkpoint), str(d), int8=True, only=("vision", "llm"))
-        quantize_llm(d / names.LLM_DIR / names.LLM_ONNX, d / names.LLM_DIR, "int4")
+    # exported every run (seconds at the default's size): a kept folder could hold another version's graphs
+    export(str(checkpoint), str(d), int8=True, only=("vision", "llm"))
+    quantize_llm(d / names.LLM_DIR / names.LLM_ONNX, d / names.LLM_DIR, "int4")
     config = MMGPTConfig.load(d)
     tokenizer = AutoTokenizer.from_pretrained(d / names.TOKENIZER_DIR)
     processor = CLIPImageProcessor.from_pretrained(d / names.VISION_DIR)

@@ -36,6 +36,15 @@ def bound_ms(weight_bytes: int, kv_bytes: float, gbs: float) -> float:
     return 1000 * (weight_bytes + kv_bytes) / (gbs * 1e9)
 
 
+def roofline_ms(weight_bytes: int, kv_bytes: float, gbs: float, rows: int, context: int, kv_per_token: int,
+                gflops: float) -> float:
+    """The bound of a batched fp32 step on a machine whose cores, not its memory, may be the limit: the larger
+    of the bandwidth bound and the step's multiply-adds at the measured GEMM rate (2 flops per weight per row,
+    and per cached value per row for attention's two products)."""
+    flops = 2 * rows * weight_bytes / 4 + 2 * rows * context * kv_per_token / 4
+    return max(bound_ms(weight_bytes, kv_bytes, gbs), 1000 * flops / (gflops * 1e9))
+
+
 def fractions(rd: dict, settings: dict, kv_per_token: int) -> dict:
     """Fraction of the bound of every decode figure of one round (ours, transformers, llama.cpp), against the
     best bandwidth probed in that round."""
@@ -56,6 +65,9 @@ def fractions(rd: dict, settings: dict, kv_per_token: int) -> dict:
         key = f"decode_ms_b{batch}_c{big}"
         if key in r:
             out[f"{engine}_{kind}_b{batch}_c{big}"] = bound_ms(r["weight_bytes"], kv(batch, big), gbs) / r[key]
+            if kind == "fp32" and rd.get("gemm_fp32_gflops"):
+                roof = roofline_ms(r["weight_bytes"], kv(batch, big), gbs, batch, big, kv_per_token, rd["gemm_fp32_gflops"])
+                out[f"{engine}_{kind}_b{batch}_c{big}_roofline"] = roof / r[key]
     return out
 
 
@@ -69,6 +81,10 @@ def _ratios(rd: dict, settings: dict, kv_per_token: int) -> dict:
         "decode_fraction_of_bound_int8": f.get(f"ours_int8_c{small}"),
         "decode_fraction_of_bound_int4": f.get(f"ours_int4_c{small}"),
         "decode_fraction_of_bound_b8_1k": f.get(f"ours_fp32_b{batch}_c{big}"),
+        # reported beside the target: the same step against max(bandwidth bound, its flops at the GEMM rate)
+        "decode_fraction_of_roofline_b8_1k": f.get(f"ours_fp32_b{batch}_c{big}_roofline"),
+        "gemm_fp32_gflops": rd.get("gemm_fp32_gflops"),
+        "gemm8_fp32_weights_gbs": rd.get("gemm8_fp32_weights_gbs"),
     }
     for ours_kind, lc_kind in PRECISIONS:
         tag = {"f32": "f32", "q8_0": "q8", "q4_0": "q4"}[lc_kind]
@@ -178,6 +194,11 @@ def table(results: dict) -> str:
         v = s.get(k)
         verdict = "not measured yet" if v is None else ("met" if ok(v) else "MISSED")
         lines.append(f"| {k} | {'' if v is None else v} | {wording} | {verdict} |")
+    if s.get("decode_fraction_of_roofline_b8_1k") is not None:
+        lines += ["", f"The {batch} x {big} fp32 step against its roofline (the larger of the bandwidth bound and its "
+                      f"multiply-adds at the measured fp32 GEMM rate, {s['gemm_fp32_gflops']:.0f} GFLOP/s): "
+                      f"{s['decode_fraction_of_roofline_b8_1k']:.2f}. ONNX Runtime's fp32 GEMM at {batch} rows reads "
+                      f"weights at {s['gemm8_fp32_weights_gbs'] or float('nan'):.1f} GB/s (one row: the bandwidth above)"]
     return "\n".join(lines)
 
 

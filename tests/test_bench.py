@@ -51,6 +51,17 @@ def test_fraction_of_bound_and_targets():
     assert "| decode_fraction_of_bound_int8 | 0.5 | >= 0.85 | MISSED |" in text
 
 
+def test_a_batched_step_is_bounded_by_compute_where_the_cores_are_slower_than_memory():
+    from mmgpt.bench.report import bound_ms, roofline_ms
+
+    # 1 GB of fp32 weights (0.25 G weights), 8 rows: 4 GFLOP; at 10 GB/s the bytes take 100 ms
+    assert bound_ms(int(1e9), 0, 10.0) == pytest.approx(100.0)
+    assert roofline_ms(int(1e9), 0, 10.0, 8, 0, 0, gflops=100.0) == pytest.approx(100.0)  # 40 ms of flops: bytes bind
+    assert roofline_ms(int(1e9), 0, 10.0, 8, 0, 0, gflops=20.0) == pytest.approx(200.0)  # 4 GFLOP at 20 GFLOP/s
+    # attention adds 2 flops per cached value per row: 8 rows x 1,000 tokens x 1e6 bytes / 4 bytes x 2
+    assert roofline_ms(0, 0, 10.0, 8, 1000, int(1e6), gflops=100.0) == pytest.approx(1000 * 4e9 / 100e9)
+
+
 def test_ratios_are_taken_within_a_round_then_the_median():
     from mmgpt.bench.report import headline
 
