@@ -17,7 +17,7 @@ import torch
 from mmgpt.checkpoint import load_checkpoint
 from mmgpt.generation import LLMDecoder, SamplingParams, generate_text
 from mmgpt.model import MultimodalPhi
-from mmgpt.preprocess import Limits, audio_features, load_audio, load_image, pixel_values
+from mmgpt.preprocess import Limits, audio_features, image_pixels, load_audio
 from mmgpt.speech import TorchWhisper, WhisperDecoder, transcribe
 from mmgpt.template import Message, join_question, prompt_ids
 
@@ -128,7 +128,7 @@ class Assistant:
 
     def image_embeddings(self, image: bytes) -> np.ndarray:
         """Encoded image -> prompt table (N, D) float32."""
-        return self.encode_image(pixel_values([load_image(image, self.limits)], self.image_processor))[0]
+        return self.encode_image(image_pixels(image, self.image_processor, self.limits))[0]
 
     def transcribe(self, audio: bytes) -> str:
         if self.whisper is None:

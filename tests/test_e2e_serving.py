@@ -166,6 +166,19 @@ def test_eight_concurrent_streams_are_all_correct_and_share_decode_steps(triton,
 # Bad input: a clear per-request error, then the next request succeeds
 # ------------------------------------------------------------------------------------------------
 
+def lying_wav(rate: int | None = None, channels: int | None = None) -> bytes:
+    """A short WAV whose header declares another sample rate or channel count (a sender we must not trust)."""
+    import struct
+
+    data = bytearray(wav_bytes(0.1))
+    if channels is not None:
+        data[22:24] = struct.pack("<H", channels)
+        data[32:34] = struct.pack("<H", 2 * channels)
+    if rate is not None:
+        data[24:28] = struct.pack("<I", rate)
+    return bytes(data)
+
+
 BAD_INPUTS = [
     (dict(text="What is it?", image_input=b"\x00\x01 definitely not an image"), "image could not be decoded"),
     (dict(text="What is it?", image_input=wav_bytes(0.5)), "image could not be decoded"),  # bytes, but not an image
@@ -176,6 +189,8 @@ BAD_INPUTS = [
     (dict(text="What did I say?", audio_input=b"RIFF\x00\x00 nonsense"), "audio could not be decoded"),
     (dict(text="What did I say?", audio_input=b""), "audio is empty"),
     (dict(text="What did I say?", audio_input=wav_bytes(6.0)), "6.0 s long, over the limit of 5 s"),
+    (dict(text="What did I say?", audio_input=lying_wav(rate=2_147_483_647)), "sample rate of 2147483647 Hz"),
+    (dict(text="What did I say?", audio_input=lying_wav(channels=1024)), "1024 channels"),
     (dict(text=""), "no question"),
     (dict(text="   "), "no question"),
     (dict(text=b"caf\xe9 \xff"), "text_input is not valid UTF-8"),

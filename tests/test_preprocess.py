@@ -122,3 +122,71 @@ def test_long_thin_image_keeps_the_centre(tiny_components):
     px = pixel_values([load_image(encode(img))], proc)
     assert px.shape[-1] == tiny_components.config.image_size
     assert px[0, 0].max() > px[0, 2].max()  # red reached the model: the centre was kept
+
+
+def _patched_wav(rate: int | None = None, channels: int | None = None) -> bytes:
+    """A valid 16 kHz mono PCM_16 WAV whose header is then made to declare another rate or channel count."""
+    import struct
+
+    data = bytearray(wav_bytes(np.zeros(1600, np.float32), 16000, subtype="PCM_16"))
+    assert data[:4] == b"RIFF" and data[12:16] == b"fmt "
+    if channels is not None:
+        data[22:24] = struct.pack("<H", channels)
+        data[32:34] = struct.pack("<H", 2 * channels)  # block align, so the header stays self-consistent
+    if rate is not None:
+        data[24:28] = struct.pack("<I", rate)
+        data[28:32] = struct.pack("<I", rate * 2 * (channels or 1))  # byte rate
+    return bytes(data)
+
+
+@pytest.mark.parametrize("rate, channels, match", [
+    (2_147_483_647, None, "sample rate of 2147483647 Hz"),
+    (50, None, "sample rate of 50 Hz"),
+    (None, 1024, "1024 channels"),
+])
+def test_audio_header_is_checked_before_decoding(rate, channels, match):
+    with pytest.raises(InputError, match=match):
+        load_audio(_patched_wav(rate, channels))
+
+
+def test_decoded_size_is_bounded_by_the_header():
+    stereo = np.zeros((16000 * 10, 2), np.float32)  # 10 s x 2 channels x 4 bytes = 1.28 MB decoded
+    data = wav_bytes(stereo, 16000, subtype="PCM_16")
+    assert load_audio(data, Limits(max_audio_decoded_bytes=2_000_000)).size == 16000 * 10
+    with pytest.raises(InputError, match="would decode to 1280000 bytes"):
+        load_audio(data, Limits(max_audio_decoded_bytes=1_000_000))
+
+
+def test_an_odd_sample_rate_resamples_quickly_and_exactly():
+    import time
+
+    rate = 22051  # coprime with 16,000: a polyphase filter would need millions of taps
+    x = 0.3 * np.sin(2 * np.pi * 300 * np.arange(rate * 5) / rate)
+    t = time.perf_counter()
+    out = load_audio(wav_bytes(x, rate, subtype="FLOAT"))
+    assert time.perf_counter() - t < 10  # generous: seconds, where the polyphase filter took minutes and GBs
+    assert abs(out.size - 5 * SAMPLE_RATE) <= 1
+    ref = 0.3 * np.sin(2 * np.pi * 300 * np.arange(out.size) / SAMPLE_RATE)
+    assert np.abs(out[2000:-2000] - ref[2000:-2000]).max() < 0.01
+
+
+def test_limits_come_from_config_parameters_and_refuse_nonsense():
+    limits = Limits.from_parameters({"max_audio_sample_rate": "48000", "max_audio_seconds": "12.5", "other": "x"})
+    assert limits.max_audio_sample_rate == 48000 and limits.max_audio_seconds == 12.5
+    assert limits.max_audio_channels == Limits().max_audio_channels
+    with pytest.raises(ValueError, match="max_audio_channels must be > 0"):
+        Limits(max_audio_channels=0)
+
+
+def test_a_large_jpeg_is_decoded_at_reduced_scale_and_looks_the_same_to_the_model(tiny_components):
+    from mmgpt.preprocess import image_pixels
+
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)
+    img = Image.fromarray(small).resize((4000, 3000), Image.BILINEAR)  # smooth, like a photo
+    data = encode(img, "JPEG")
+    side = tiny_components.image_processor.crop_size["height"]
+    draft = load_image(data, min_side=side)
+    assert 2 * side <= min(draft.size) < 3000 // 2  # reduced by libjpeg, still twice what the model sees
+    full = pixel_values([load_image(data)], tiny_components.image_processor)
+    assert np.abs(image_pixels(data, tiny_components.image_processor) - full).mean() < 0.02

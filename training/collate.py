@@ -148,9 +148,9 @@ class LivePixels:
 
 def load_pixels(path: Path, image_processor) -> np.ndarray:
     """One image file -> (1, 3, S, S) float32, with the same decoding and preprocessing as serving."""
-    from mmgpt.preprocess import load_image, pixel_values
+    from mmgpt.preprocess import image_pixels
 
-    return pixel_values([load_image(Path(path).read_bytes())], image_processor)
+    return image_pixels(Path(path).read_bytes(), image_processor)
 
 
 # -------------------------------------------------------------------------------------------- collator

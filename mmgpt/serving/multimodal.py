@@ -26,7 +26,7 @@ import numpy as np
 from mmgpt import names
 from mmgpt.config import MMGPTConfig
 from mmgpt.generation import SamplingParams, TextStream, check_prompt
-from mmgpt.preprocess import InputError, Limits, load_image, pixel_values
+from mmgpt.preprocess import InputError, Limits, image_pixels, pixel_values
 from mmgpt.serving import contract as c
 from mmgpt.template import Message, join_question, parse_history, prompt_ids
 
@@ -228,7 +228,7 @@ class Pipeline:
         # Cheap local checks first: a bad image fails before any model runs.
         pixels = None
         if question.image is not None:
-            pixels = pixel_values([load_image(question.image, self.settings.limits)], self.image_processor)
+            pixels = image_pixels(question.image, self.image_processor, self.settings.limits)
         # Whisper and the vision encoder are separate models: with both inputs, run them at the same time.
         # Leaving the `with` waits for the encoder, so it never runs on behind an error (the audio's is raised).
         with ThreadPoolExecutor(1) as pool:

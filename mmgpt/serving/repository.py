@@ -48,6 +48,9 @@ class ServeSettings:
     max_image_pixels: int = Limits.max_image_pixels
     max_audio_bytes: int = Limits.max_audio_bytes
     max_audio_seconds: float = Limits.max_audio_seconds
+    max_audio_sample_rate: int = Limits.max_audio_sample_rate  # read from the header, before decoding
+    max_audio_channels: int = Limits.max_audio_channels
+    max_audio_decoded_bytes: int = Limits.max_audio_decoded_bytes
     max_tokens_limit: int | None = None  # None: mmgpt ask's limit (mmgpt.inference.MAX_TOKENS_LIMIT)
     llm_max_batch_size: int = 8  # sequences decoded together (in-flight batching)
     # keys/values of finished sequences kept for later requests that start the same way (a conversation's
@@ -70,7 +73,8 @@ class ServeSettings:
         if self.include_llm and self.prompt_embedding_table_data_type != "TYPE_FP32":
             raise ValueError("the ONNX Runtime llm model takes an FP32 prompt table")
         for name in ("max_image_bytes", "max_image_pixels", "max_audio_bytes", "llm_max_batch_size", "vision_max_batch_size",
-                     "entry_instances", "llm_prefill_chunk_tokens"):
+                     "entry_instances", "llm_prefill_chunk_tokens", "max_audio_sample_rate", "max_audio_channels",
+                     "max_audio_decoded_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.vision_cache_mb < 0 or self.llm_prefix_cache_mb < 0:
@@ -146,6 +150,9 @@ def assemble_repository(export_dir: str | Path, repo_dir: str | Path, **settings
             **common,
             "max_audio_bytes": s.max_audio_bytes,
             "max_audio_seconds": s.max_audio_seconds,
+            "max_audio_sample_rate": s.max_audio_sample_rate,
+            "max_audio_channels": s.max_audio_channels,
+            "max_audio_decoded_bytes": s.max_audio_decoded_bytes,
             "ort_threads": s.ort_threads,
         },
     }

@@ -156,7 +156,7 @@ def read_scenes(world: Path) -> list:
 def scene_pixels(scenes, world: Path | None, processor, progress: bool, desc: str) -> torch.Tensor:
     """Scenes through the serving preprocessing: (N, 3, S, S) float16. With `world`, the image files are
     read (JPEG artifacts and all); without, the scenes are drawn in memory."""
-    from mmgpt.preprocess import load_image, pixel_values
+    from mmgpt.preprocess import image_pixels, pixel_values
     from mmgpt.training.data import ImageIndex
 
     from .world import draw
@@ -171,7 +171,7 @@ def scene_pixels(scenes, world: Path | None, processor, progress: bool, desc: st
     out = []
     for s in tqdm(scenes, desc=desc, unit="img", disable=not progress):
         data = index.resolve(image_id=s.image_id).read_bytes()
-        out.append(torch.from_numpy(pixel_values([load_image(data)], processor)[0]).half())
+        out.append(torch.from_numpy(image_pixels(data, processor)[0]).half())
     return torch.stack(out)
 
 

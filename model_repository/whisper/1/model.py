@@ -12,8 +12,7 @@ from mmgpt.serving.stages import WhisperStage
 class TritonPythonModel:
     def initialize(self, args):
         params = c.parameters(json.loads(args["model_config"]))
-        limits = Limits(max_audio_bytes=int(params["max_audio_bytes"]), max_audio_seconds=float(params["max_audio_seconds"]))
-        self.stage = WhisperStage(params["export_dir"], limits, int(params["ort_threads"]))
+        self.stage = WhisperStage(params["export_dir"], Limits.from_parameters(params), int(params["ort_threads"]))
 
     def execute(self, requests):
         return [self._one(request) for request in requests]
