@@ -85,7 +85,12 @@ def test_ask_audio_prints_the_real_whispers_transcript_of_any_english(tmp_path):
 def test_sampling_flags_are_reproducible(tiny_checkpoint):
     args = ("ask", "--checkpoint", str(tiny_checkpoint), "--text", "Hi", "--max-tokens", "12", "--temperature", "1.0", "--top-p", "0.9", "--top-k", "40", "--seed", "5")
     a, b = run(*args), run(*args)
-    assert a.returncode == 0 and a.stdout == b.stdout
+    assert a.returncode == 0 and a.stdout == b.stdout  # the same seed, the same answer
+    other_seed = run(*args[:-1], "6")
+    greedy = run(*args[:7])  # no sampling flags: greedy
+    assert other_seed.returncode == 0 and greedy.returncode == 0
+    assert other_seed.stdout != a.stdout  # another seed samples another answer
+    assert greedy.stdout != a.stdout  # and sampling is not greedy
 
 
 def test_bad_inputs_exit_with_a_message(files):

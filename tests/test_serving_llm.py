@@ -108,19 +108,28 @@ def test_rows_join_and_leave_mid_flight(stage, tokenizer):
     b = batcher(stage)
     sinks = []
     widths = []
+    active = []
     for i, r in enumerate(requests):
         sinks.append(ListSink())
         b.submit(r, sinks[-1])
         for _ in range(i * 5):
             b.step()
+            active.append(len(b._rows))
             if b._mask is not None:
                 widths.append(b._mask.shape[1])
-    b.run_until_idle()
+    while b.step():
+        active.append(len(b._rows))
+        if b._mask is not None:
+            widths.append(b._mask.shape[1])
     for r, sink in zip(requests, sinks):
         assert sink.ids == alone(stage, r), r.request_id
     assert b.stats.prefill_rows == len(requests)
     assert b._past is None and b._rows == []  # everything left; nothing held
     assert b.stats.max_batch > 1
+    if b.shared_kv:  # a leaving row's slot is taken by another: the cache holds no more rows than ran at once
+        assert b._cache.rows == max(active) < len(requests)
+    else:  # the left padding no remaining row needs is cut when the longest row leaves
+        assert any(later < earlier for earlier, later in zip(widths, widths[1:]))
 
 
 def test_a_long_prompt_is_read_in_chunks_while_running_rows_keep_decoding(stage, tokenizer):

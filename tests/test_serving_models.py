@@ -142,7 +142,14 @@ def test_vision_encodes_a_dynamic_batch_in_one_call(models, exported):
 
     pixels = [pixel_values([load_image(b)], exported.image_processor) for b in images]
     requests = [make_request({c.PIXEL_VALUES: p}) for p in pixels]
-    responses = models[c.VISION].execute(requests)
+    stage = models[c.VISION].stage
+    calls, encoder = [], stage.encoder
+    stage.encoder = lambda batch: calls.append(batch.shape[0]) or encoder(batch)
+    try:
+        responses = models[c.VISION].execute(requests)
+    finally:
+        stage.encoder = encoder
+    assert calls == [3]  # the three requests of the dynamic batch went through the encoder in one run
     for image, response in zip(images, responses):
         np.testing.assert_allclose(response.output(c.IMAGE_EMBEDS)[0], exported.image_embeddings(image), atol=1e-5)
 
@@ -210,8 +217,26 @@ def test_entry_point_sends_llm_failures_as_errors(models, pb):
     assert error.code() == pb.TritonError.INTERNAL and "kaput" in error.message()
 
 
-def test_prompt_ids_of_the_entry_point_are_the_templates(exported):
-    # The llm model receives exactly prompt_ids(...): image positions as ids from the vocab size up.
-    ids = prompt_ids(exported.config, exported.tokenizer, [], "q", has_image=True)
-    image_ids = [i for i in ids if i >= exported.config.llm_vocab_size]
-    assert image_ids == list(range(exported.config.llm_vocab_size, exported.config.llm_vocab_size + exported.config.num_image_tokens))
+def test_prompt_ids_of_the_entry_point_are_the_templates(models, exported, pb):
+    """What the entry point sends the llm model is exactly prompt_ids(...): the template's tokens, image
+    positions as ids from the vocab size up, and the image's rows as the prompt table."""
+    sent = []
+
+    def llm(request):
+        sent.append({t.name(): t.as_numpy() for t in request.inputs()})
+        models[c.LLM].execute([request])
+        return request.response_sender.wait_final(30)
+
+    pb.register_bls(c.LLM, llm)
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    image = png_bytes(50, 40, seed=4)
+    sender, _ = ask(models, entry_inputs("What is it?", image_input=image, history=json.dumps(history)))
+    assert not sender.errors and len(sent) == 1
+    want = prompt_ids(exported.config, exported.tokenizer, [Message(m["role"], m["content"]) for m in history],
+                      "What is it?", has_image=True)
+    got = sent[0][c.INPUT_IDS].reshape(-1)[: int(sent[0][c.INPUT_LENGTHS].reshape(-1)[0])]
+    assert got.tolist() == want
+    vocab, n = exported.config.llm_vocab_size, exported.config.num_image_tokens
+    assert [i for i in want if i >= vocab] == list(range(vocab, vocab + n))
+    table = sent[0][c.PROMPT_EMBEDDING_TABLE].reshape(n, -1)
+    np.testing.assert_allclose(table, exported.image_embeddings(image), atol=1e-5)

@@ -281,8 +281,15 @@ def test_missing_installation_is_named(tmp_path: Path) -> None:
 
 def test_free_port_is_bindable_on_loopback() -> None:
     port = free_port()
+    assert 1024 <= port <= 65535  # an ephemeral port, never a privileged one
     with socket.socket() as s:
-        s.bind(("127.0.0.1", port))
+        s.bind(("127.0.0.1", port))  # raises if it were taken
+        s.listen()
+        assert s.getsockname() == ("127.0.0.1", port)
+        taken = free_port()
+        assert taken != port  # a listening port is not handed out again
+        with socket.socket() as client:
+            client.connect(("127.0.0.1", port))  # reachable on loopback
 
 
 # ------------------------------------------------------------------------------------------------
