@@ -50,19 +50,40 @@ def build_vision_trt(export_dir: Path, max_batch: int = 8) -> Path:
     return path
 
 
-def build_trtllm(checkpoint_llm_dir: Path, export_dir: Path, max_batch: int = 8, max_input_len: int = 1024,
-                 max_output_len: int = 512, max_prompt_embedding_table_size: int = 8 * 576) -> Path:
-    """HF Phi -> TensorRT-LLM checkpoint (convert_checkpoint.py of TensorRT-LLM's phi example) -> trtllm-build,
+# TensorRT-LLM's documented conversion (its Phi example's convert_checkpoint.py is a command line over these
+# two calls): the model class reads a Hugging Face folder and writes a TensorRT-LLM checkpoint. Run with the
+# container's Python, so it works whether or not the examples folder is there.
+CONVERT_PHI = (
+    "import sys\n"
+    "from tensorrt_llm.mapping import Mapping\n"
+    "from tensorrt_llm.models import PhiForCausalLM\n"
+    "model_dir, out_dir, dtype = sys.argv[1:4]\n"
+    "PhiForCausalLM.from_hugging_face(model_dir, dtype, mapping=Mapping(world_size=1, rank=0, tp_size=1, pp_size=1))"
+    ".save_checkpoint(out_dir, save_config=True)\n"
+)
+
+
+def trtllm_commands(checkpoint_llm_dir: Path, out: Path, *, max_batch: int = 8, max_input_len: int = 1024,
+                    max_output_len: int = 512, max_prompt_embedding_table_size: int = 8 * 576,
+                    python: str = "python3") -> list[list[str]]:
+    """The two commands of a TensorRT-LLM build: HF Phi -> TensorRT-LLM checkpoint (fp16), then trtllm-build
     with a prompt table (our image rows) enabled."""
+    ckpt = out / "checkpoint"
+    return [
+        [python, "-c", CONVERT_PHI, str(checkpoint_llm_dir), str(ckpt), "float16"],
+        ["trtllm-build", "--checkpoint_dir", str(ckpt), "--output_dir", str(out / "engine"),
+         "--gemm_plugin", "float16", "--max_batch_size", str(max_batch), "--max_input_len", str(max_input_len),
+         "--max_seq_len", str(max_input_len + max_output_len),
+         "--max_prompt_embedding_table_size", str(max_prompt_embedding_table_size)],
+    ]
+
+
+def build_trtllm(checkpoint_llm_dir: Path, export_dir: Path, **limits) -> Path:
+    """Run `trtllm_commands` inside NVIDIA's TensorRT-LLM container -> the engine folder."""
     require_gpu("the TensorRT-LLM engine")
     if shutil.which("trtllm-build") is None:
         raise GPUUnavailable("trtllm-build not found: run inside NVIDIA's TensorRT-LLM container (see README)")
     out = export_dir / names.TRTLLM_DIR
-    ckpt = out / "checkpoint"
-    subprocess.run(["python", "-m", "tensorrt_llm.models.phi.convert", "--model_dir", str(checkpoint_llm_dir),
-                    "--output_dir", str(ckpt), "--dtype", "float16"], check=True)
-    subprocess.run(["trtllm-build", "--checkpoint_dir", str(ckpt), "--output_dir", str(out / "engine"),
-                    "--gemm_plugin", "float16", "--max_batch_size", str(max_batch), "--max_input_len", str(max_input_len),
-                    "--max_seq_len", str(max_input_len + max_output_len),
-                    "--max_prompt_embedding_table_size", str(max_prompt_embedding_table_size)], check=True)
+    for command in trtllm_commands(checkpoint_llm_dir, out, **limits):
+        subprocess.run(command, check=True)
     return out / "engine"

@@ -2,6 +2,7 @@
 
 import inspect
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -159,3 +160,38 @@ def test_int8_and_int4_together_are_refused():
 
     with pytest.raises(SystemExit):
         cli(["--int8", "--int4"])
+
+
+def test_trtllm_build_runs_the_documented_conversion(tmp_path):
+    """The commands a GPU host would run: TensorRT-LLM's Python API for Phi (what its example's
+    convert_checkpoint.py calls), run here against a stand-in `tensorrt_llm` that records the calls, since
+    the real one needs a GPU; then trtllm-build over that checkpoint with the prompt table enabled."""
+    from mmgpt.export.gpu import trtllm_commands
+
+    convert, build = trtllm_commands(tmp_path / "llm", tmp_path / "trtllm", max_batch=4, max_input_len=512,
+                                     max_output_len=256, python=sys.executable)
+    assert "tensorrt_llm.models.phi.convert" not in " ".join(convert)
+    fake = tmp_path / "fake" / "tensorrt_llm"
+    (fake / "models").mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "mapping.py").write_text("class Mapping:\n    def __init__(self, **kw):\n        self.kw = kw\n")
+    (fake / "models" / "__init__.py").write_text(
+        "import json, pathlib\n"
+        "class PhiForCausalLM:\n"
+        "    @classmethod\n"
+        "    def from_hugging_face(cls, model_dir, dtype, mapping=None):\n"
+        "        m = cls(); m.args = dict(model_dir=model_dir, dtype=dtype, mapping=mapping.kw); return m\n"
+        "    def save_checkpoint(self, out_dir, save_config=True):\n"
+        "        pathlib.Path(out_dir).mkdir(parents=True)\n"
+        "        (pathlib.Path(out_dir) / 'config.json').write_text(json.dumps({**self.args, 'save_config': save_config}))\n")
+    run = subprocess.run(convert, env={**os.environ, "PYTHONPATH": str(tmp_path / "fake")}, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    written = json.loads((tmp_path / "trtllm" / "checkpoint" / "config.json").read_text())
+    assert written == {"model_dir": str(tmp_path / "llm"), "dtype": "float16", "save_config": True,
+                       "mapping": {"world_size": 1, "rank": 0, "tp_size": 1, "pp_size": 1}}
+    assert build[0] == "trtllm-build"
+    flags = dict(zip(build[1::2], build[2::2]))
+    assert flags["--checkpoint_dir"] == str(tmp_path / "trtllm" / "checkpoint")
+    assert (flags["--max_batch_size"], flags["--max_input_len"], flags["--max_seq_len"]) == ("4", "512", "768")
+    assert int(flags["--max_prompt_embedding_table_size"]) > 0  # image rows reach the engine as a prompt table
