@@ -388,3 +388,46 @@ def test_whisper_and_the_vision_encoder_run_at_the_same_time(pipeline, tiny_expo
             run(pipeline, s, entry_inputs("What is this?", image_input=image, audio_input=audio))
     finally:
         s.batcher.shutdown()
+
+
+def test_past_the_request_deadline_the_llm_stops_and_the_client_is_told(tiny_export, stages):
+    from dataclasses import replace as dc_replace
+
+    assert _wait_idle(stages.batcher)
+    hurried = Pipeline.load(tiny_export, dc_replace(SETTINGS, request_deadline_s=0.05))
+    stages.stopped.clear()
+    before = stages.batcher.stats.cancelled
+    question = parse_question(entry_inputs("Tell me a long story", max_tokens=1000), SETTINGS)
+    sent, send = _recorder()
+    with pytest.raises(TimeoutError, match="request deadline of 0.05 s"):
+        hurried.answer(question, stages, Replies(send, stream=True), request_id="late", is_cancelled=lambda: False)
+    assert stages.stopped == ["late"]
+    assert _wait_idle(stages.batcher) and stages.batcher.stats.cancelled == before + 1  # removed, not finished
+
+
+
+
+def test_a_stage_that_fails_mid_answer_stops_the_llm(pipeline, stages):
+    assert _wait_idle(stages.batcher)
+    stages.stopped.clear()
+    before = stages.batcher.stats.cancelled
+    real = stages.generate
+
+    def breaking(*args):
+        def chunks():
+            for i, chunk in enumerate(real(*args)):
+                if i == 3:
+                    raise ConnectionError("the LLM's stream broke")
+                yield chunk
+
+        gen = chunks()
+        return gen
+
+    stages.generate = breaking
+    try:
+        with pytest.raises(ConnectionError):
+            run(pipeline, stages, entry_inputs("Tell me a long story", max_tokens=1000))
+    finally:
+        del stages.generate
+    assert len(stages.stopped) == 1
+    assert _wait_idle(stages.batcher) and stages.batcher.stats.cancelled == before + 1

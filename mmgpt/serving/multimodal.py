@@ -43,6 +43,9 @@ class EntrySettings:
     # Longest wait for the next piece from a stage before the request fails (a stage that hangs must
     # not hold a client forever; Triton 2.51's BLS has no per-response timeout of its own).
     response_timeout_s: float = 300.0
+    # The longest a whole request may take; past it the LLM is told to stop and the client gets an error
+    # saying so (a client that waits forever is a worker lost).
+    request_deadline_s: float = 600.0
 
     @property
     def limits(self) -> Limits:
@@ -55,6 +58,7 @@ class EntrySettings:
             max_image_pixels=int(params["max_image_pixels"]),
             max_tokens_limit=int(params["max_tokens_limit"]),
             response_timeout_s=float(params["response_timeout_s"]),
+            request_deadline_s=float(params["request_deadline_s"]),
         )
 
 
@@ -224,7 +228,9 @@ class Pipeline:
         request_id: str,
         is_cancelled: Callable[[], bool],
     ) -> str:
-        """Run one request to its end; returns "done", "stopped" (a stop word) or "cancelled"."""
+        """Run one request to its end; returns "done", "stopped" (a stop word) or "cancelled". Raises InputError
+        for a bad input, TimeoutError past the request deadline; either way the LLM has been told to stop."""
+        started = time.monotonic()
         # Cheap local checks first: a bad image fails before any model runs.
         pixels = None
         if question.image is not None:
@@ -251,21 +257,37 @@ class Pipeline:
 
         text = TextStream(self.tokenizer, params.stop_words)
         eos = self.config.eos_token_id
+        deadline = started + self.settings.request_deadline_s
         chunks = stages.generate(request_id, ids, table, params, eos)
+        stopped = False
         try:
             for chunk in chunks:
                 if is_cancelled():
                     stages.stop(request_id)
+                    stopped = True
                     return "cancelled"
+                if time.monotonic() > deadline:
+                    stages.stop(request_id)
+                    stopped = True
+                    raise TimeoutError(f"the answer was not finished within the request deadline of "
+                                       f"{self.settings.request_deadline_s:g} s (request_deadline_s)")
                 ended = eos in chunk  # an LLM that returns its end id (ours never does)
                 for token in chunk[: chunk.index(eos)] if ended else chunk:
                     replies.piece(text.push(token))
                     if text.stopped:
                         stages.stop(request_id)
+                        stopped = True
                         replies.close()
                         return "stopped"
                 if ended:
                     break
+        except BaseException:
+            if not stopped:  # a stage that failed or timed out: the LLM must not go on generating for nobody
+                try:
+                    stages.stop(request_id)
+                except Exception:
+                    pass  # the original failure is what the client needs to hear about
+            raise
         finally:
             chunks.close()
         replies.piece(text.finish())

@@ -65,6 +65,7 @@ class ServeSettings:
     vision_cache_mb: int = 256  # image embeddings kept by content (a repeated image is not encoded again); 0 = off
     ort_threads: int = 0  # intra-op threads per ONNX Runtime session; 0 = all cores
     response_timeout_s: float = 300.0
+    request_deadline_s: float = 600.0  # a whole request; past it the LLM stops and the client gets an error
     execution_env: str | None = None  # the venv the Python backend runs in; None: this one
 
     def __post_init__(self) -> None:
@@ -79,8 +80,8 @@ class ServeSettings:
                 raise ValueError(f"{name} must be >= 1")
         if self.vision_cache_mb < 0 or self.llm_prefix_cache_mb < 0:
             raise ValueError("vision_cache_mb and llm_prefix_cache_mb must be >= 0 (0 = no cache)")
-        if self.max_audio_seconds <= 0 or self.response_timeout_s <= 0:
-            raise ValueError("max_audio_seconds and response_timeout_s must be > 0")
+        if self.max_audio_seconds <= 0 or self.response_timeout_s <= 0 or self.request_deadline_s <= 0:
+            raise ValueError("max_audio_seconds, response_timeout_s and request_deadline_s must be > 0")
 
 
 def check_export(export_dir: str | Path) -> Path:
@@ -134,6 +135,7 @@ def assemble_repository(export_dir: str | Path, repo_dir: str | Path, **settings
             "max_image_pixels": s.max_image_pixels,
             "max_tokens_limit": s.max_tokens_limit,
             "response_timeout_s": s.response_timeout_s,
+            "request_deadline_s": s.request_deadline_s,
             "entry_instances": s.entry_instances,
         },
         c.VISION: {
