@@ -251,13 +251,75 @@ def test_a_failed_step_fails_its_rows_and_the_batcher_keeps_serving(stage, token
     b.submit(first, s1)
     b.step()
     broken.fail = True
-    with pytest.raises(RuntimeError):
+    if b.shared_kv:  # the failed step is redone row by row: the request carries on as if nothing happened
         b.step()
-    assert s1.reason == "error" and "device lost" in s1.error
+        b.run_until_idle()
+        assert s1.ids == alone(stage, first) and s1.reason in ("end", "length")
+    else:
+        with pytest.raises(RuntimeError):
+            b.step()
+        assert s1.reason == "error" and "device lost" in s1.error
     s2 = ListSink()
     b.submit(second, s2)
     b.run_until_idle()
     assert s2.ids == alone(stage, second)
+
+
+class _FailsAtLength:
+    """A shared-KV model whose decode step raises whenever a row holding `length` tokens is in it."""
+
+    def __init__(self, model, length: int):
+        self.model, self.length = model, length
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def run(self, embeds, cache, first_row, lengths):
+        if embeds.shape[1] == 1 and self.length in lengths:
+            raise RuntimeError(f"kernel failure at {self.length} tokens")
+        return self.model.run(embeds, cache, first_row, lengths)
+
+
+def test_one_requests_failure_fails_it_alone_and_the_others_stream_on(stage, tokenizer):
+    if not getattr(stage.model, "shared_kv", False):
+        pytest.skip("the traced decoder fails the whole batch (one left-padded step)")
+    requests = make_requests(stage, tokenizer, 4)
+    doomed = requests[1]
+    model = _FailsAtLength(stage.model, len(doomed.input_ids) + 3)  # its 4th decode step
+    b = InflightBatcher(model, max_batch=4, vocab_limit=stage.vocab_limit, max_context=stage.config.max_context)
+    sinks = [ListSink() for _ in requests]
+    for r, s in zip(requests, sinks):
+        b.submit(r, s)
+    b.run_until_idle()
+    assert sinks[1].reason == "error" and "kernel failure" in sinks[1].error
+    assert len(sinks[1].ids) == 4  # what it had streamed before its failing step
+    survivors = 0
+    for i in (0, 2, 3):
+        want, p = alone(stage, requests[i]), len(requests[i].input_ids)
+        if p <= model.length <= p + len(want) - 2:  # this row too decodes a step at that length: it fails there
+            assert sinks[i].reason == "error" and sinks[i].ids == want[: model.length - p + 1], i
+        else:  # token for token what it produces alone, though a neighbour failed in its steps
+            assert sinks[i].ids == want and sinks[i].reason in ("end", "length"), i
+            survivors += 1
+    assert survivors >= 1
+
+
+def test_non_finite_logits_fail_that_request_alone(stage, tokenizer):
+    if not getattr(stage.model, "shared_kv", False):
+        pytest.skip("shown on the shared-KV decoder, whose rows never mix")
+    requests = make_requests(stage, tokenizer, 3)
+    poisoned = requests[0]  # with an image: a NaN in its image rows reaches only its own logits
+    table = poisoned.prompt_table.copy()
+    table[0, 0] = np.nan
+    requests[0] = GenerationRequest(**{**poisoned.__dict__, "prompt_table": table})
+    b = batcher(stage)
+    sinks = [ListSink() for _ in requests]
+    for r, s in zip(requests, sinks):
+        b.submit(r, s)
+    b.run_until_idle()
+    assert sinks[0].reason == "error" and "non-finite logits" in sinks[0].error and sinks[0].ids == []
+    for r, s in zip(requests[1:], sinks[1:]):
+        assert s.ids == alone(stage, r)
 
 
 def test_background_thread_serves_concurrent_submitters(stage, tokenizer):

@@ -572,6 +572,9 @@ class InflightBatcher:
 
     def _advance(self, row: _Row, logits: np.ndarray) -> bool:
         """Sample the row's next token and emit it; False when the row is finished (generate_ids' rules)."""
+        if not np.isfinite(logits[: self.vocab_limit]).all():
+            self._finish(row, "error", "generation failed: the model produced non-finite logits for this request")
+            return False
         token = row.sampler(logits)
         if token == row.request.end_id:
             self._finish(row, "end")
@@ -614,23 +617,19 @@ class InflightBatcher:
                 return False
         self.stats.iterations += 1
         self._drop_shared(lambda r: r.stop or r.sink.cancelled())
-        row = None
-        try:
-            budget = self.prefill_chunk
-            while budget > 0 and len(self._rows) < self.max_batch:
-                row = self._prefilling or self._next_arrival()
-                if row is None:
-                    break
+        budget = self.prefill_chunk
+        while budget > 0 and len(self._rows) < self.max_batch:
+            row = self._prefilling or self._next_arrival()
+            if row is None:
+                break
+            try:
                 budget -= self._read_chunk(row, budget)
-            row = None
-            if self._rows:
-                self._decode_shared()
-        except Exception as e:
-            failed = [r for r in (row, self._prefilling) if r is not None] + self._rows
-            self._rows, self._prefilling = [], None
-            for r in failed:
-                self._finish(r, "error", f"generation failed: {e}")
-            raise
+            except Exception as e:  # this prompt's failure is this request's alone
+                log.exception("reading the prompt of request %s failed", row.request.request_id)
+                self._prefilling = None
+                self._finish(row, "error", f"generation failed: {type(e).__name__}: {e}")
+        if self._rows:
+            self._decode_shared()
         self._iteration_done()
         return True
 
@@ -678,12 +677,24 @@ class InflightBatcher:
         return len(chunk)
 
     def _decode_shared(self) -> None:
+        """One batched step. If it fails, each row is run alone (each writes only its own slot, so a step that
+        failed half-way is simply redone): the rows that fail alone get an error, the others go on."""
         rows = self._rows
         ids = np.array([[r.pending] for r in rows], np.int64)
+        lengths = np.array([r.length for r in rows])
+        try:
+            logits = self.model.run(self.model.embed(ids, None), self._cache, 0, lengths)
+        except Exception as e:
+            log.warning("a batched decode step of %d rows failed (%s); running the rows one by one", len(rows), e)
+            logits = np.full((len(rows), 1, self.model.vocab_size), np.nan, np.float32)  # NaN: finished below
+            for i, row in enumerate(rows):
+                try:
+                    logits[i] = self.model.run(self.model.embed(ids[i : i + 1], None), self._cache, i, lengths[i : i + 1])[0]
+                except Exception as alone:
+                    self._finish(row, "error", f"generation failed: {type(alone).__name__}: {alone}")
         for r in rows:
             r.fed.append(r.pending)
-        logits = self.model.run(self.model.embed(ids, None), self._cache, 0, np.array([r.length for r in rows]))
-        done = self._sample_step(logits)
+        done = self._sample_step(logits)  # rows finished above leave with the done ones
         if self.prefix_cache is not None:
             for i in done:
                 row = rows[i]
