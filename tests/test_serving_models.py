@@ -7,6 +7,7 @@ served pipeline runs here without a server and is compared with `Assistant.from_
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -90,6 +91,9 @@ def test_llm_streams_tensorrt_llm_style_responses(models, pb, exported):
     assert got == want
     assert request.response_sender.sent[-1] == (None, pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
     metrics = models[c.LLM].metrics
+    deadline = time.monotonic() + 5  # the counters are updated when the iteration that sent the end is over
+    while not (metrics.tokens.value() >= len(want) and metrics.steps.value() > 0) and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert metrics.tokens.value() >= len(want) and metrics.steps.value() > 0
 
 
