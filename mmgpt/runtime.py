@@ -189,31 +189,22 @@ class KVCache:
             a[row, :, :n] = p[0]
 
 
-class OrtSharedKVModel:
+class OrtSharedKVModel(OrtLLMModel):
     """The shared-KV decoder (export/llm_shared_kv.py): rows of a batch keep their own lengths and a step
     writes each row's new keys/values into `KVCache` in place (IO binding: past and present are one buffer).
-    `decoder()` gives a single-sequence `LLMDecoder` for the shared generation loop."""
+    Loading and `embed` are OrtLLMModel's; `decoder()` gives a single-sequence `LLMDecoder`."""
 
     shared_kv = True
 
     def __init__(self, engine_dir: str | Path, threads: int | None = None, onnx_file: str | None = None):
-        from safetensors.numpy import load_file
-
-        engine_dir = Path(engine_dir)
-        self.export_config = read_export_config(engine_dir)
-        self.session = ort_session(engine_dir / (onnx_file or self.export_config["onnx_file"]), threads)
-        self.embed_table = load_file(str(engine_dir / names.LLM_EMBED))[names.EMBED_KEY]
-        self.vocab_size = self.embed_table.shape[0]
-        self.num_layers = self.export_config["num_layers"]
-        self.num_kv_heads = self.export_config["num_kv_heads"]
-        self.head_dim = self.export_config["head_dim"]
+        super().__init__(engine_dir, threads, onnx_file)
         self.max_context = self.export_config["max_positions"]
+
+    def empty_past(self, batch: int):
+        raise TypeError("the shared-KV decoder keeps its keys/values in a KVCache: use new_cache()")
 
     def new_cache(self) -> KVCache:
         return KVCache(self.num_layers, self.num_kv_heads, self.head_dim, self.max_context)
-
-    def embed(self, input_ids: np.ndarray, prompt_table: np.ndarray | None) -> np.ndarray:
-        return splice_numpy(input_ids, self.embed_table, prompt_table, self.vocab_size)
 
     def run(self, inputs_embeds: np.ndarray, cache: KVCache, first_row: int, lengths: np.ndarray) -> np.ndarray:
         """Rows first_row .. first_row + B - 1 of `cache`, holding `lengths` (B,) tokens, take the (B, S, D)

@@ -562,12 +562,16 @@ class InflightBatcher:
         return done
 
     def _remember(self, i: int) -> None:
-        """Keep the keys and values of row i (its real, rightmost columns) for a later request's prefix."""
+        """Keep the keys and values of finished row i for a later request's prefix: its real columns, the
+        rightmost ones of the left-padded cache, or the first ones of its slot in the shared cache."""
         row = self._rows[i]
         if row.reason not in ("end", "length"):
             return
         ids = np.concatenate([row.request.input_ids, np.asarray(row.fed, np.int64)])
-        past = [np.ascontiguousarray(p[i : i + 1, :, -row.length :]) for p in self._past]
+        if self.shared_kv:
+            past = self._cache.read(i, row.length)
+        else:
+            past = [np.ascontiguousarray(p[i : i + 1, :, -row.length :]) for p in self._past]
         self.prefix_cache.put(ids, row.table_key, past)
 
     def _advance(self, row: _Row, logits: np.ndarray) -> bool:
@@ -697,10 +701,7 @@ class InflightBatcher:
         done = self._sample_step(logits)  # rows finished above leave with the done ones
         if self.prefix_cache is not None:
             for i in done:
-                row = rows[i]
-                if row.reason in ("end", "length"):
-                    ids = np.concatenate([row.request.input_ids, np.asarray(row.fed, np.int64)])
-                    self.prefix_cache.put(ids, row.table_key, self._cache.read(i, row.length))
+                self._remember(i)
         self._remove_shared(done)
 
     def _drop_shared(self, predicate: Callable[[_Row], bool]) -> None:
