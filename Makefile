@@ -22,8 +22,10 @@ MAX_STEPS ?=
 TOY_DIR ?= runs/toy
 BENCH_DIR ?= artifacts/bench
 BENCH_ARGS ?=
+SOAK_DIR ?= artifacts/soak
+SOAK_ARGS ?=
 
-.PHONY: help install test lint export serve demo pretrain finetune eval toy toy-eval bench clean
+.PHONY: help install test lint export serve demo soak pretrain finetune eval toy toy-eval bench clean
 
 help:
 	@echo "make install                  create .venv with everything for a CPU machine"
@@ -32,6 +34,7 @@ help:
 	@echo "make export [FROM=dir] [INT8=1|INT4=1] [KV=concat]  export vision/LLM/Whisper to ONNX into $(EXPORT_DIR), with parity checks"
 	@echo "make serve                    run tritonserver on the exported repository (127.0.0.1; GRPC_PORT/HTTP_PORT/METRICS_PORT)"
 	@echo "make demo                     export if needed, serve, ask about an image and a spoken question, stop"
+	@echo "make soak [SOAK_ARGS=..]      ~10 min: mixed load, then faults (killed models, overload, SIGTERM); JSON verdict"
 	@echo "make pretrain PRESET=.. CAPTIONS=.. IMAGES=.. OUT=.. [MAX_STEPS=N]   stage 1 (projector)"
 	@echo "make finetune PRESET=.. INSTRUCT=.. IMAGES=.. INIT=.. OUT=.. [MAX_STEPS=N]  stage 2 (LoRA)"
 	@echo "make eval CHECKPOINT=.. [INSTRUCT=..|CAPTIONS=..] IMAGES=.. OUT=..   held-out loss, samples, BLEU-4/CIDEr"
@@ -62,6 +65,10 @@ serve: install
 
 demo: install
 	$(PY) -m mmgpt.serving.demo --export-dir $(EXPORT_DIR) --repo-dir $(REPO_DIR)
+
+soak: install
+	@test -f $(EXPORT_DIR)/mmgpt_config.json || $(MAKE) export
+	$(PY) -m mmgpt.serving.soak --export-dir $(EXPORT_DIR) --out $(SOAK_DIR) $(SOAK_ARGS)
 
 pretrain: install
 	$(PY) -m mmgpt.training.pretrain --preset $(PRESET) --captions $(CAPTIONS) --images $(IMAGES) --out $(OUT) $(if $(MAX_STEPS),--max-steps $(MAX_STEPS))

@@ -15,6 +15,7 @@ from mmgpt.client.api import (
     RequestFailed,
     ResponseTimeout,
     Result,
+    ServerBusy,
     ServerUnavailable,
 )
 
@@ -29,5 +30,6 @@ __all__ = [
     "RequestFailed",
     "ResponseTimeout",
     "Result",
+    "ServerBusy",
     "ServerUnavailable",
 ]

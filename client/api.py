@@ -84,6 +84,14 @@ class RequestFailed(ClientError):
     """The server rejected or failed the request; the message is the server's."""
 
 
+class ServerBusy(RequestFailed):
+    """The server had no room for the request (its queue was full, or it waited past the server's limit):
+    nothing was generated; ask again shortly."""
+
+
+BUSY_MESSAGES = ("Exceeds maximum queue size", "Request timeout expired", "busy: ")  # Triton's queue policy, our LLM
+
+
 class ResponseTimeout(ClientError, TimeoutError):
     """The server sent nothing for `timeout` seconds; the request was cancelled."""
 
@@ -102,12 +110,16 @@ class Piece:
 
     text: str
     transcript: str = ""
+    # How many of the oldest history messages the server left out to fit its context (0: none). A chat
+    # drops them from its own history too, or every later turn is cut the same way.
+    history_dropped: int = 0
 
 
 @dataclass(frozen=True)
 class Result:
     text: str
     transcript: str = ""
+    history_dropped: int = 0
 
 
 @dataclass(frozen=True)
@@ -135,6 +147,7 @@ class AnswerStream(Iterator[Piece]):
     def __init__(self, pieces: Iterator[Piece]):
         self._pieces = pieces
         self.transcript = ""
+        self.history_dropped = 0
 
     def __iter__(self) -> AnswerStream:
         return self
@@ -142,6 +155,7 @@ class AnswerStream(Iterator[Piece]):
     def __next__(self) -> Piece:
         piece = next(self._pieces)
         self.transcript = self.transcript or piece.transcript
+        self.history_dropped = self.history_dropped or piece.history_dropped
         return piece
 
     def close(self) -> None:
@@ -341,10 +355,17 @@ class MMGPTClient:
     def _error(self, error: Exception) -> ClientError:
         status = getattr(error, "status", lambda: None)()
         message = error.message() if hasattr(error, "message") else str(error)
+        if "shutting down" in message:  # the server answered: it is stopping (a drain)
+            return RequestFailed(message)
         if status is not None and "UNAVAILABLE" in str(status):
             return self._unavailable(message)
         if status is not None and "CANCELLED" in str(status):
             return RequestFailed(f"the request was cancelled: {message}")
+        if any(m in message for m in BUSY_MESSAGES):
+            return ServerBusy(f"the server is busy: {message}")
+        if "has no available versions" in message:  # what Triton says while it drains before exiting
+            return RequestFailed(f"{message}: the server is not serving {self.model!r} now (it is shutting down, "
+                                 "or the model is being loaded); ask again when `health()` says it is ready")
         return RequestFailed(message)
 
     # -- asking -----------------------------------------------------------------------------------
@@ -383,7 +404,7 @@ class MMGPTClient:
         """`stream(...)` joined: the whole answer and the transcript."""
         with self.stream(text, **kwargs) as answer:
             joined = "".join(piece.text for piece in answer)
-        return Result(joined, answer.transcript)
+        return Result(joined, answer.transcript, answer.history_dropped)
 
     def _stream_inputs(self, inputs: Mapping[str, np.ndarray]) -> Iterator[Piece]:
         import tritonclient.grpc as grpcclient
@@ -412,7 +433,7 @@ class MMGPTClient:
                     error = None
                 raise self._error(error if error is not None else e) from None
 
-            transcript = ""
+            transcript, dropped = "", 0
             while True:
                 try:
                     result, error = events.get(timeout=self.timeout)
@@ -426,10 +447,12 @@ class MMGPTClient:
                     raise self._error(error)
                 heard = "" if transcript else (_first(result, contract.TRANSCRIPT) or "")
                 transcript = transcript or heard
+                cut = 0 if dropped else int(_first(result, contract.HISTORY_DROPPED) or 0)
+                dropped = dropped or cut
                 text = _first(result, contract.TEXT_OUTPUT) or ""
                 final = bool(result.get_response().parameters["triton_final_response"].bool_param)
-                if text or heard:  # the transcript is passed on as soon as it is known, even before any text
-                    yield Piece(text, transcript)
+                if text or heard or cut:  # the transcript is passed on as soon as it is known, even before any text
+                    yield Piece(text, transcript, dropped)
                 if final:
                     finished = True
                     return

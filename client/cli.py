@@ -91,12 +91,16 @@ def _closing(pieces: Iterator[Piece]) -> contextlib.AbstractContextManager[Itera
 def write_answer(pieces: Iterator[Piece], out: TextIO, err: TextIO, *, show_transcript: bool) -> str:
     """Print pieces to `out` as they arrive (the transcript once, to `err`); return the whole answer."""
     parts: list[str] = []
-    heard = False
+    heard = dropped = False
     with _closing(pieces):
         for piece in pieces:
             if show_transcript and not heard and piece.transcript:
                 heard = True
                 print(f"[heard] {piece.transcript}", file=err, flush=True)
+            if piece.history_dropped and not dropped:
+                dropped = True
+                print(f"[the oldest {piece.history_dropped} messages of the conversation were left out to fit the "
+                      "model's context]", file=err, flush=True)
             if piece.text:
                 parts.append(piece.text)
                 out.write(piece.text)
@@ -172,12 +176,15 @@ class ChatSession:
         """Ask with the history so far; the turn is recorded only once the answer is complete."""
         pieces = self.client.stream(text, image=self.image, audio=audio, history=tuple(self.history), **self.options)
         parts: list[str] = []
-        transcript = ""
+        transcript, dropped = "", 0
         with _closing(pieces):
             for piece in pieces:
                 parts.append(piece.text)
                 transcript = transcript or piece.transcript
+                dropped = dropped or piece.history_dropped
                 yield piece
+        # What the server left out to fit its context is gone from the conversation for good.
+        self.history = self.history[dropped:]
         self.history += [Message("user", asked_question(text, transcript)), Message("assistant", "".join(parts))]
 
 

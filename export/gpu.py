@@ -1,5 +1,6 @@
-"""GPU builds: the vision ONNX -> TensorRT engine (fp16, batch profile) and Phi-2 -> TensorRT-LLM
-engine. They run only where a CUDA GPU and NVIDIA's tools exist; elsewhere they stop with a message."""
+"""GPU builds: the vision ONNX -> TensorRT engine (fp16, batch profile; ONNX Runtime's TensorRT provider,
+which the served vision encoder then loads) and Phi-2 -> TensorRT-LLM engine. They run only where a CUDA
+GPU and NVIDIA's tools exist; elsewhere they stop with a message."""
 
 from __future__ import annotations
 
@@ -22,32 +23,28 @@ def require_gpu(what: str) -> None:
 
 
 def build_vision_trt(export_dir: Path, max_batch: int = 8) -> Path:
-    """trtexec-free TensorRT build with an optimization profile over batch 1..max_batch."""
+    """Build the vision encoder's TensorRT engine (fp16, batch 1..max_batch) into the engine cache that the
+    served `vision_encoder` loads (mmgpt.runtime.vision_providers), and check it against the CPU."""
     require_gpu("the TensorRT vision engine")
-    try:
-        import tensorrt as trt
-    except ImportError as e:
-        raise GPUUnavailable("install the GPU extra (`pip install -e .[gpu]`) for TensorRT") from e
+    import numpy as np
+    import onnxruntime as ort
+
+    from mmgpt.runtime import OrtVision, read_export_config, vision_providers
+
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        raise GPUUnavailable("ONNX Runtime's TensorRT provider is missing: install onnxruntime-gpu with TensorRT "
+                             "(NVIDIA's containers have it)")
     vision_dir = export_dir / names.VISION_DIR
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse((vision_dir / names.VISION_ONNX).read_bytes()):
-        raise RuntimeError("TensorRT could not parse the vision ONNX: " + "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)))
-    config = builder.create_builder_config()
-    config.set_flag(trt.BuilderFlag.FP16)
-    shape = network.get_input(0).shape  # (-1, 3, S, S)
-    profile = builder.create_optimization_profile()
-    s = tuple(shape[1:])
-    profile.set_shape(names.PIXEL_VALUES, (1, *s), (max(1, max_batch // 2), *s), (max_batch, *s))
-    config.add_optimization_profile(profile)
-    engine = builder.build_serialized_network(network, config)
-    if engine is None:
-        raise RuntimeError("TensorRT engine build failed (see the log above)")
-    path = vision_dir / names.VISION_TRT
-    path.write_bytes(bytes(engine))
-    return path
+    gpu = OrtVision(vision_dir)  # building the session builds and caches the engine
+    if gpu.session.get_providers()[0] != "TensorrtExecutionProvider":
+        raise RuntimeError(f"the vision session did not take TensorRT: {gpu.session.get_providers()}")
+    size = read_export_config(vision_dir).get("image_size", 224)
+    pixels = np.random.default_rng(0).standard_normal((2, 3, size, size)).astype(np.float32)
+    cpu = ort.InferenceSession(str(vision_dir / names.VISION_ONNX), providers=["CPUExecutionProvider"])
+    diff = float(np.abs(gpu(pixels) - cpu.run(None, {names.PIXEL_VALUES: pixels})[0]).max())
+    print(f"[gpu] vision TensorRT fp16 vs CPU fp32: max|diff| = {diff:.3e}", flush=True)
+    assert vision_providers(vision_dir, ort.get_available_providers(), max_batch)
+    return vision_dir / names.VISION_TRT_CACHE
 
 
 # TensorRT-LLM's documented conversion (its Phi example's convert_checkpoint.py is a command line over these

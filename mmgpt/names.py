@@ -7,7 +7,7 @@ from __future__ import annotations
 EXPORT_CONFIG = "export_config.json"  # in every engine dir: precision, tensor names/shapes, source, versions
 VISION_DIR = "vision"
 VISION_ONNX = "encoder.onnx"
-VISION_TRT = "encoder.plan"
+VISION_TRT_CACHE = "tensorrt"  # in the vision dir: ONNX Runtime's TensorRT engine cache (`export --gpu`)
 LLM_DIR = "llm"
 LLM_ONNX = "decoder.onnx"
 LLM_INT8_ONNX = "decoder.int8.onnx"  # `make export INT8=1`: dynamic int8 quantization

@@ -48,12 +48,36 @@ def splice_numpy(input_ids: np.ndarray, embed_table: np.ndarray, prompt_table: n
     return np.where(is_image[..., None], image.astype(embeds.dtype), embeds)
 
 
+def vision_providers(engine_dir: Path, available: list[str], max_batch: int = 8) -> list:
+    """ONNX Runtime providers for the vision encoder, best first. With onnxruntime-gpu's TensorRT provider
+    (a GPU host) the encoder runs as a TensorRT fp16 engine over batches 1..max_batch, built once by
+    `export --gpu` into the engine cache beside the ONNX file (or on first use) and loaded from it after;
+    CUDA, then the CPU, are the fallbacks ONNX Runtime uses for whatever TensorRT cannot run."""
+    out: list = []
+    if "TensorrtExecutionProvider" in available:
+        shape = lambda b: f"{names.PIXEL_VALUES}:{b}x3x{{s}}x{{s}}"  # noqa: E731 - filled with the image size
+        size = read_export_config(engine_dir).get("image_size", 224)
+        out.append(("TensorrtExecutionProvider", {
+            "trt_fp16_enable": True,
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(engine_dir / names.VISION_TRT_CACHE),
+            "trt_profile_min_shapes": shape(1).format(s=size),
+            "trt_profile_opt_shapes": shape(max(1, max_batch // 2)).format(s=size),
+            "trt_profile_max_shapes": shape(max_batch).format(s=size),
+        }))
+    out += [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    return out
+
+
 class OrtVision:
-    """CLIP + projector: (B, 3, S, S) -> (B, N, D)."""
+    """CLIP + projector: (B, 3, S, S) -> (B, N, D); a TensorRT engine on a GPU host (`vision_providers`)."""
 
     def __init__(self, engine_dir: str | Path, threads: int | None = None):
+        import onnxruntime as ort
+
         engine_dir = Path(engine_dir)
-        self.session = ort_session(engine_dir / names.VISION_ONNX, threads)
+        providers = vision_providers(engine_dir, ort.get_available_providers())
+        self.session = ort_session(engine_dir / names.VISION_ONNX, threads, providers)
 
     def __call__(self, pixel_values: np.ndarray) -> np.ndarray:
         return self.session.run([names.IMAGE_EMBEDS], {names.PIXEL_VALUES: pixel_values.astype(np.float32)})[0]

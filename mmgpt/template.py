@@ -167,3 +167,32 @@ def prompt_ids(config, tokenizer, history: Sequence[Message], question: str, *, 
     if has_image:
         messages[0] = Message("user", messages[0].content, image=True)
     return encode_for(config, tokenizer, messages, add_generation_prompt=True).input_ids
+
+
+def fit_prompt(
+    config, tokenizer, history: Sequence[Message], question: str, *, has_image: bool, room: int
+) -> tuple[list[int], int]:
+    """`prompt_ids`, cut to fit the context -> (ids, number of history messages dropped).
+
+    When the whole conversation leaves fewer than `room` tokens of the context for the answer, its
+    oldest turns go first, a question with its answer at a time (never half a turn), until it fits. The
+    image stays: it is the conversation's, and goes at the start of the first turn kept, where training
+    puts it. The question itself is never cut: when it alone is too long, `check_prompt` says so.
+    """
+    limit = config.max_context - room
+
+    def ids_for(pairs: int) -> list[int]:
+        return prompt_ids(config, tokenizer, history[2 * pairs :], question, has_image=has_image)
+
+    ids = ids_for(0)
+    total = len(history) // 2
+    if len(ids) <= limit or total == 0:
+        return ids, 0
+    lo, hi = 1, total  # the fewest pairs to drop lies in [lo, hi]; dropping all of them is the last resort
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(ids_for(mid)) <= limit:
+            hi = mid
+        else:
+            lo = mid + 1
+    return ids_for(lo), 2 * lo

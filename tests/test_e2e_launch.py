@@ -51,7 +51,7 @@ def test_a_negative_cache_size_is_refused_before_serving(tiny_export, tmp_path):
         [sys.executable, "-m", "mmgpt.serving.launch", "--export-dir", str(tiny_export), "--repo-dir",
          str(tmp_path / "repo"), "--vision-cache-mb", "-1"], cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
-    assert proc.returncode == 2 and "vision_cache_mb and llm_prefix_cache_mb must be >= 0" in proc.stderr
+    assert proc.returncode == 2 and "vision_cache_mb, llm_prefix_cache_mb and llm_kv_budget_mb must be >= 0" in proc.stderr
 
 
 def test_serve_answers_then_stops_cleanly_on_sigterm(tiny_export, tmp_path):

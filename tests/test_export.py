@@ -124,6 +124,21 @@ def test_gpu_build_says_no_gpu(tiny_export):
         build_vision_trt(tiny_export)
 
 
+def test_vision_runs_as_a_tensorrt_engine_where_onnx_runtime_has_tensorrt(tiny_export):
+    """What `export --gpu` builds is what the served vision encoder loads: ONNX Runtime's TensorRT provider
+    with the engine cache beside the ONNX file and a batch 1..8 profile; CUDA and the CPU as fallbacks."""
+    from mmgpt.runtime import vision_providers
+
+    vision = tiny_export / names.VISION_DIR
+    gpu = vision_providers(vision, ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    (name, options), cuda, cpu = gpu
+    assert (name, cuda, cpu) == ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+    assert options["trt_engine_cache_path"] == str(vision / names.VISION_TRT_CACHE) and options["trt_fp16_enable"]
+    size = json.loads((vision / names.EXPORT_CONFIG).read_text())["image_size"]
+    assert options["trt_profile_max_shapes"] == f"{names.PIXEL_VALUES}:8x3x{size}x{size}"
+    assert vision_providers(vision, ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]  # this machine
+
+
 def _png() -> bytes:
     import io
 

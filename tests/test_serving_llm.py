@@ -8,6 +8,7 @@ cache, and the shared-KV one written in place); the reference is the one-sequenc
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -462,3 +463,63 @@ def test_prefix_cache_stays_within_its_bytes(stage, tokenizer):
         b.submit(r, ListSink())
     b.run_until_idle()
     assert 0 < b.prefix_cache.bytes <= bound and len(b.prefix_cache.entries) < len(requests)
+
+
+# ------------------------------------------------------------------------------------------------
+# Admission: a keys/values budget, a bounded queue, "busy" instead of a queue without end
+# ------------------------------------------------------------------------------------------------
+
+
+def _reservation(b: InflightBatcher, rows: list[GenerationRequest]) -> int:
+    spans = [len(r.input_ids) + min(r.params.max_tokens, b.max_context - len(r.input_ids)) for r in rows]
+    return len(rows) * max(spans) * b.kv_token_bytes
+
+
+def test_rows_join_only_within_the_kv_budget_and_every_answer_is_whole(stage, tokenizer):
+    requests = make_requests(stage, tokenizer, 6)
+    probe = stage.batcher(8)
+    budget = _reservation(probe, requests[:2])  # room for two of them at a time (the longest two: the last)
+    b = stage.batcher(8, kv_budget_bytes=_reservation(probe, requests[-2:]), queue_timeout_s=60)
+    sinks = [ListSink() for _ in requests]
+    for r, s in zip(requests, sinks):
+        b.submit(r, s)
+    reserved, running = [], []
+    while b.step():
+        reserved.append(b.stats.kv_reserved_bytes)
+        running.append(len(b._rows) + (b._prefilling is not None))
+    assert max(reserved) <= b.kv_budget_bytes and budget <= b.kv_budget_bytes
+    assert max(running) == 2  # the budget, not max_batch (8), bounded the batch
+    for r, s in zip(requests, sinks):
+        assert s.ids == alone(stage, r) and s.reason in ("end", "length"), r.request_id
+    assert b.stats.busy == 0 and b.stats.queued == 0
+
+
+def test_a_request_that_waits_too_long_gets_a_busy_error(stage, tokenizer):
+    first, second = make_requests(stage, tokenizer, 2)
+    b = stage.batcher(1, queue_timeout_s=0.2)  # one row: the second waits for the first
+    s1, s2 = ListSink(), ListSink()
+    b.submit(first, s1)
+    b.submit(second, s2)
+    b.step()
+    time.sleep(0.3)
+    while b.step():
+        pass
+    assert s1.reason in ("end", "length") and s1.ids == alone(stage, first)
+    assert s2.reason == "error" and "busy" in s2.error and "queue_timeout_s" in s2.error and s2.ids == []
+    assert b.stats.busy == 1
+
+
+def test_a_full_queue_and_an_oversized_request_are_refused_at_once(stage, tokenizer):
+    a, b_, c_ = make_requests(stage, tokenizer, 3)
+    b = stage.batcher(1, max_queue=2)
+    sinks = [ListSink() for _ in range(3)]
+    for r, s in zip((a, b_, c_), sinks):
+        b.submit(r, s)
+    assert sinks[2].reason == "error" and "max_queue" in sinks[2].error  # before any step ran
+    assert sinks[0].reason is None and sinks[1].reason is None  # the two queued ones are served
+    b.run_until_idle()
+    assert sinks[0].ids == alone(stage, a) and sinks[1].ids == alone(stage, b_)
+    tiny = stage.batcher(8, kv_budget_bytes=1000)
+    s = ListSink()
+    tiny.submit(a, s)
+    assert s.reason == "error" and "kv_budget_mb" in s.error and tiny.active() == 0

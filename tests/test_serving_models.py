@@ -37,7 +37,7 @@ def pb(monkeypatch):
 def load(repo, name, pb):
     module = load_model_module(repo / name / "1" / "model.py")
     model = module.TritonPythonModel()
-    model.initialize(make_initialize_args((repo / name / "config.pbtxt").read_text()))
+    model.initialize(make_initialize_args((repo / name / "config.pbtxt").read_text(), model_repository=str(repo / name)))
     return model
 
 

@@ -4,6 +4,7 @@ in-process stages (the same stage classes the Triton models wrap), compared with
 from __future__ import annotations
 
 import json
+import os
 import queue
 import threading
 import time
@@ -17,7 +18,19 @@ from mmgpt.generation import SamplingParams
 from mmgpt.preprocess import InputError, Limits
 from mmgpt.serving import contract as c
 from mmgpt.serving.llm import GenerationRequest
-from mmgpt.serving.multimodal import EntrySettings, Pipeline, Replies, ResponsePump, parse_question
+from mmgpt.serving.multimodal import (
+    EntrySettings,
+    LLMGone,
+    Pipeline,
+    Replies,
+    ResponsePump,
+    is_restarting,
+    parse_question,
+    process_alive,
+    read_pid,
+    through_restarts,
+    write_pid,
+)
 from mmgpt.serving.stages import LLMStage, VisionStage, WhisperStage
 from mmgpt.template import Message
 
@@ -88,9 +101,17 @@ def test_bad_inputs_are_named(inputs, match):
 # ------------------------------------------------------------------------------------------------
 
 
+sent_dropped: list[int] = []  # history_dropped of every response sent, in order
+
+
 def _recorder():
     sent = []
-    return sent, lambda text, transcript, final: sent.append((text, transcript, final))
+    def send(text, transcript, dropped, final):
+        sent.append((text, transcript, final))
+        if dropped is not None:
+            sent_dropped.append(dropped)
+
+    return sent, send
 
 
 def test_stream_sends_new_text_with_the_transcript_first():
@@ -102,6 +123,15 @@ def test_stream_sends_new_text_with_the_transcript_first():
     r.piece("lo")
     r.close()
     assert sent == [("", "what was said", False), ("Hel", "", False), ("lo", "", False), (None, None, True)]
+
+
+def test_the_count_of_dropped_history_messages_rides_on_the_first_response():
+    sent = []
+    r = Replies(lambda *a: sent.append(a), stream=True)
+    r.heard("", dropped=4)
+    r.piece("Hi")
+    r.close()
+    assert sent == [("", "", 4, False), ("Hi", "", 0, False), (None, None, None, True)]
 
 
 def test_no_stream_sends_exactly_one_response():
@@ -202,10 +232,10 @@ def run(pipeline, stages, inputs, cancel_after: int | None = None):
     def is_cancelled():
         return cancel_after is not None and len(pieces) >= cancel_after
 
-    def record(text, transcript, final):
+    def record(text, transcript, dropped, final):
         if text:
             pieces.append(text)
-        send(text, transcript, final)
+        send(text, transcript, dropped, final)
 
     outcome = pipeline.answer(question, stages, Replies(record, stream=question.stream),
                               request_id=uuid.uuid4().hex, is_cancelled=is_cancelled)
@@ -296,6 +326,41 @@ def test_bad_media_and_long_prompts_are_named(pipeline, stages, inputs, match):
 # ------------------------------------------------------------------------------------------------
 
 
+def _long_history(turns: int) -> list[dict]:
+    out = []
+    for i in range(turns):
+        out += [{"role": "user", "content": f"question number {i} about the shapes in the picture"},
+                {"role": "assistant", "content": f"answer number {i}: a red circle left of a blue square"}]
+    return out
+
+
+def test_a_conversation_longer_than_the_context_loses_its_oldest_turns(pipeline, stages, exported):
+    """Instead of an error the user cannot act on: the oldest whole turns go, the answer is the reference
+    answer for the turns kept, and the first response says how many messages were left out."""
+    history = _long_history(40)
+    image = png_bytes(64, 48, seed=3)
+    start = len(sent_dropped)
+    outcome, sent = run(pipeline, stages, entry_inputs("and the last one?", image_input=image,
+                                                       history=json.dumps(history), max_tokens=12))
+    assert outcome == "done"
+    dropped = sent_dropped[start]  # the first response's
+    assert dropped > 0 and dropped % 2 == 0
+    kept = [Message(m["role"], m["content"]) for m in history[dropped:]]
+    want = exported.ask("and the last one?", image=image, history=kept, params=SamplingParams(max_tokens=12))
+    assert "".join(t for t, _, _ in sent if t) == want.text
+
+
+@pytest.mark.parametrize("settings, match", [
+    (dict(max_history_bytes=100), "over the limit of 100 \\(max_history_bytes\\)"),
+    (dict(max_history_messages=10), "holds 12 messages, over the limit of 10 \\(max_history_messages\\)"),
+])
+def test_absurd_histories_are_refused(settings, match):
+    from dataclasses import replace
+
+    with pytest.raises(InputError, match=match):
+        parse_question(entry_inputs("q", history=json.dumps(_long_history(6))), replace(SETTINGS, **settings))
+
+
 def test_pump_polls_while_waiting_and_times_out():
     release = threading.Event()
 
@@ -324,6 +389,46 @@ def test_pump_passes_on_the_readers_error():
         for chunk in pump:
             got += chunk
     assert got == [1]
+
+
+def test_pump_gives_up_at_once_when_the_llm_process_is_gone():
+    """A killed LLM process never sends another response: the wait ends when its pid is gone, not at the
+    timeout, with an error that says what happened (not an empty answer)."""
+    never = threading.Event()
+
+    def hung():
+        yield [1]
+        never.wait(30)
+        yield [2]
+
+    alive = {"now": True}
+    pump = ResponsePump(hung, lambda x: x, timeout_s=60, poll_s=0.02, alive=lambda: alive["now"], alive_every_s=0.05)
+    assert next(pump) == [1]
+    assert next(pump) == []
+    alive["now"] = False
+    started = time.monotonic()
+    with pytest.raises(LLMGone, match="process stopped"):
+        while True:
+            next(pump)
+    pump.close()  # does not wait for the reader stuck on a response that never comes
+    assert time.monotonic() - started < 5
+    never.set()
+
+
+def test_pid_file_and_process_liveness(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "process.pid"
+    assert read_pid(path) is None  # no file (TensorRT-LLM's model writes none): nothing to watch
+    write_pid(path)
+    assert read_pid(path) == os.getpid() and process_alive(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert not process_alive(child.pid)
+    path.write_text("garbage")
+    assert read_pid(path) is None
+    assert is_restarting("Stub process 'whisper_0_0' is not healthy.") and not is_restarting("bad audio")
 
 
 def test_embedding_cache_is_bounded_least_recently_used_first(tiny_export):
@@ -431,3 +536,34 @@ def test_a_stage_that_fails_mid_answer_stops_the_llm(pipeline, stages):
         del stages.generate
     assert len(stages.stopped) == 1
     assert _wait_idle(stages.batcher) and stages.batcher.stats.cancelled == before + 1
+
+
+def test_calls_wait_for_a_model_being_loaded_again_and_no_longer():
+    answers = iter(["Stub process 'whisper_0_0' is not healthy."] * 3 + [None])
+    calls = []
+
+    def call():
+        calls.append(1)
+        return next(answers)
+
+    assert through_restarts(call, lambda r: r, every_s=0.01) is None and len(calls) == 4  # the fourth answered
+    assert through_restarts(lambda: "bad audio", lambda r: r, every_s=0.01) == "bad audio"  # other errors: at once
+    stuck = through_restarts(lambda: "Stub process 'x' is not healthy.", lambda r: r, wait_s=0.1, every_s=0.01)
+    assert stuck == "Stub process 'x' is not healthy."  # given up after wait_s, the error passed on
+
+
+def test_a_draining_server_refuses_new_requests_and_each_answer_marks_its_instance_busy(tmp_path):
+    from mmgpt.serving.multimodal import ShuttingDown, busy, failure, refuse_if_draining
+
+    marker = tmp_path / ".draining"
+    refuse_if_draining(marker)  # no marker: served
+    marker.write_text("stopping")
+    with pytest.raises(ShuttingDown, match="shutting down"):
+        refuse_if_draining(marker)
+    assert failure(ShuttingDown("x"))[0] == "unavailable" and failure(InputError("bad"))[0] == "invalid"
+    assert failure(ValueError("boom")) == ("internal", "internal error: ValueError: boom")
+    flag = tmp_path / "multimodal" / "busy" / "multimodal_0_1"
+    with pytest.raises(RuntimeError), busy(flag):
+        assert int(flag.read_text()) == os.getpid()  # the launcher's drain waits while this file names a live pid
+        raise RuntimeError("a failed answer still clears it")
+    assert not flag.exists()

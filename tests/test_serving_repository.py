@@ -121,14 +121,29 @@ def test_unknown_or_bad_settings_fail(tiny_export, tmp_path):
         assemble_repository(tiny_export, tmp_path / "r", max_image_pxels=5)
     with pytest.raises(ValueError, match="max_image_pixels"):
         assemble_repository(tiny_export, tmp_path / "r", max_image_pixels=0)
-    with pytest.raises(ValueError, match="vision_cache_mb and llm_prefix_cache_mb must be >= 0"):
+    with pytest.raises(ValueError, match="vision_cache_mb, llm_prefix_cache_mb and llm_kv_budget_mb must be >= 0"):
         assemble_repository(tiny_export, tmp_path / "r", llm_prefix_cache_mb=-1)
+    with pytest.raises(ValueError, match="llm_kv_budget_mb"):
+        assemble_repository(tiny_export, tmp_path / "r", llm_kv_budget_mb=-1)
+    with pytest.raises(ValueError, match="max_history_messages must be >= 1"):
+        assemble_repository(tiny_export, tmp_path / "r", max_history_messages=0)
 
 
 def test_cache_sizes_reach_their_models(tiny_export, tmp_path):
     repo = assemble_repository(tiny_export, tmp_path / "r", llm_prefix_cache_mb=7, vision_cache_mb=0)
     assert int(c.parameters(config(repo, c.LLM))["prefix_cache_mb"]) == 7
     assert int(c.parameters(config(repo, c.VISION))["cache_mb"]) == 0
+
+
+def test_memory_and_history_settings_reach_their_models(tiny_export, tmp_path):
+    from mmgpt.serving.multimodal import EntrySettings
+
+    repo = assemble_repository(tiny_export, tmp_path / "r", llm_kv_budget_mb=9, llm_queue_timeout_s=2.5, llm_max_queue=3,
+                               min_answer_tokens=17, max_history_bytes=1000, max_history_messages=6)
+    llm = c.parameters(config(repo, c.LLM))
+    assert (llm["kv_budget_mb"], llm["queue_timeout_s"], llm["max_queue"]) == ("9", "2.5", "3")
+    entry = EntrySettings.from_parameters(c.parameters(config(repo, c.MULTIMODAL)))
+    assert (entry.min_answer_tokens, entry.max_history_bytes, entry.max_history_messages) == (17, 1000, 6)
 
 
 def test_tensorrt_llm_can_take_the_llms_place(tiny_export, tmp_path):

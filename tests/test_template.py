@@ -112,3 +112,30 @@ def test_join_question():
     assert join_question("", " what is this ") == "what is this"
     with pytest.raises(ValueError, match="no question"):
         join_question("  ", "")
+
+
+def test_fit_prompt_drops_the_oldest_whole_turns_and_keeps_the_image(tok, cfg):
+    from mmgpt.template import fit_prompt, image_token_ids
+
+    history = []
+    for i in range(40):
+        history += [Message("user", f"question number {i} about the shapes in the picture"),
+                    Message("assistant", f"answer number {i}: a red circle left of a blue square")]
+    question = "and the last one?"
+    full = prompt_ids(cfg, tok, history, question, has_image=True)
+    assert len(full) > cfg.max_context  # too long as it is
+    ids, dropped = fit_prompt(cfg, tok, history, question, has_image=True, room=64)
+    assert dropped > 0 and dropped % 2 == 0  # whole turns: a question with its answer
+    assert len(ids) <= cfg.max_context - 64
+    assert ids == prompt_ids(cfg, tok, history[dropped:], question, has_image=True)  # exactly the newest turns
+    # the fewest turns: keeping one more would not fit
+    assert len(prompt_ids(cfg, tok, history[dropped - 2 :], question, has_image=True)) > cfg.max_context - 64
+    image = image_token_ids(cfg.llm_vocab_size, cfg.num_image_tokens)
+    assert ids.count(image[0]) == 1 and ids[ids.index(image[0]) : ids.index(image[0]) + len(image)] == image
+    # a conversation that fits is left alone
+    assert fit_prompt(cfg, tok, history[:2], question, has_image=True, room=64) == (
+        prompt_ids(cfg, tok, history[:2], question, has_image=True), 0)
+    # a question that alone leaves less room than asked: every earlier turn goes, the question stays
+    long_question = "why " * (cfg.max_context - 40)
+    ids, dropped = fit_prompt(cfg, tok, history[:4], long_question, has_image=False, room=64)
+    assert dropped == 4 and ids == prompt_ids(cfg, tok, [], long_question, has_image=False)

@@ -243,7 +243,13 @@ def test_command_binds_loopback_and_disables_model_control(tmp_path: Path) -> No
     cmd = srv.command()
     for flag in ("--http-address", "--grpc-address", "--metrics-address"):
         assert f"{flag}=127.0.0.1" in cmd
-    assert "--model-control-mode=none" in cmd
+    assert "--model-control-mode=none" not in cmd and "--model-control-mode=explicit" in cmd  # supervised
+    # ... with the repository API locked behind a key only this object has (no client can load or unload)
+    key = f"model-repository:mmgpt-admin-key={srv._admin_key}"
+    assert f"--http-restricted-api={key}" in cmd and f"--grpc-restricted-protocol={key}" in cmd
+    assert len(srv._admin_key) >= 32 and srv._admin_key != TritonServer(tmp_path)._admin_key
+    plain = TritonServer(tmp_path, backend_dir=tmp_path / "backends", supervise=False).command()
+    assert "--model-control-mode=none" in plain and not any("restricted" in a for a in plain)
     assert "--strict-readiness=true" in cmd and "--exit-on-error=true" in cmd
     assert f"--model-repository={tmp_path.resolve()}" in cmd
     assert f"--backend-directory={(tmp_path / 'backends').resolve()}" in cmd
@@ -447,6 +453,52 @@ def test_stop_leaves_no_process_behind(echo_repo: Path, tmp_path: Path) -> None:
         sock.settimeout(2)
         sock.connect(("127.0.0.1", srv.http_port))
     assert not list(Path("/dev/shm").glob(f"{shm_prefix}*"))
+
+
+def test_supervisor_reloads_a_dead_model_and_restarts_a_dead_server(echo_repo: Path, tmp_path: Path) -> None:
+    """Triton 2.51 leaves a model whose process was killed failing every request ("Stub process ... is not
+    healthy") while it reports ready; the launcher loads it again. A server that dies by itself is started
+    again on the same ports. A client without the launcher's key cannot use the repository API."""
+    import urllib.error
+    import urllib.request
+
+    with TritonServer(echo_repo, log_file=tmp_path / "server.log") as srv:
+        (pid, model), = srv.model_processes().items()
+        assert model == MODEL
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 90
+        answer = None
+        while time.monotonic() < deadline:
+            s = Stream(srv.grpc_url)
+            try:
+                answer = s.ask("x y", timeout=5)  # a request that reached the dead process never returns
+                break
+            except Exception:
+                time.sleep(0.5)
+            finally:
+                s.close()
+        assert answer == ["x", "y"] and srv.restarts == [(MODEL, pid)]
+        assert pid not in srv.model_processes() and len(srv.model_processes()) == 1
+        assert f"(pid {pid}) died" in (tmp_path / "server.log").read_text()
+
+        request = urllib.request.Request(f"http://{srv.http_url}/v2/repository/models/{MODEL}/unload", data=b"{}",
+                                         method="POST")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=10)
+        assert refused.value.code == 403
+
+        server_pid = srv.pid
+        os.kill(server_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not (srv.pid != server_pid and srv.is_ready()):
+            time.sleep(0.5)
+        assert srv.pid != server_pid and srv.is_ready() and srv.restarts[-1] == ("tritonserver", server_pid)
+        s = Stream(srv.grpc_url)
+        try:
+            assert s.ask("a b") == ["a", "b"]
+        finally:
+            s.close()
+    assert not srv.is_running()
 
 
 def test_failed_model_load_reports_log_tail(tmp_path: Path) -> None:

@@ -38,6 +38,8 @@ STOP_WORDS = "stop_words"  # BYTES [-1]
 STREAM = "stream"  # BOOL
 TEXT_OUTPUT = "text_output"  # BYTES
 TRANSCRIPT = "transcript"  # BYTES (also the whisper model's output)
+# INT32: how many of the oldest history messages were left out to fit the context (first response; else 0)
+HISTORY_DROPPED = "history_dropped"
 
 ENTRY_INPUTS: dict[str, tuple[str, list[int], bool]] = {  # name -> (Triton type, dims, optional)
     TEXT_INPUT: ("TYPE_STRING", [1], False),
@@ -52,7 +54,11 @@ ENTRY_INPUTS: dict[str, tuple[str, list[int], bool]] = {  # name -> (Triton type
     STOP_WORDS: ("TYPE_STRING", [-1], True),
     STREAM: ("TYPE_BOOL", [1], True),
 }
-ENTRY_OUTPUTS: dict[str, tuple[str, list[int]]] = {TEXT_OUTPUT: ("TYPE_STRING", [1]), TRANSCRIPT: ("TYPE_STRING", [1])}
+ENTRY_OUTPUTS: dict[str, tuple[str, list[int]]] = {
+    TEXT_OUTPUT: ("TYPE_STRING", [1]),
+    TRANSCRIPT: ("TYPE_STRING", [1]),
+    HISTORY_DROPPED: ("TYPE_INT32", [1]),
+}
 
 # --- vision_encoder (max_batch_size > 0, dynamic batching) ----------------------------------------
 PIXEL_VALUES = names.PIXEL_VALUES  # FP32 [3, S, S] per item
@@ -80,6 +86,12 @@ SEQUENCE_LENGTH = "sequence_length"  # INT32 [-1] = (beam 1,): tokens in output_
 # Not in TensorRT-LLM: a request's failure as text. Triton 2.51's BLS iterator drops an inner model's
 # error responses, so an error sent the usual way would reach the entry point as a silent, empty answer.
 LLM_ERROR = "error"  # BYTES [1]
+# Written by our llm model into its model directory at startup: the entry point checks that this process is
+# still alive while it waits for tokens (a killed process never answers; see multimodal.ResponsePump).
+LLM_PID_FILE = "process.pid"
+# Written by the launcher at the repository's root when it stops the server: the entry point then refuses
+# new requests while the running ones finish with every model still serving (see TritonServer.stop).
+from mmgpt.serving.tritonserver import DRAIN_FILE, ENTRY_BUSY_DIR  # noqa: E402,F401 (defined with the drain)
 
 LLM_INPUTS: dict[str, tuple[str, list[int], bool]] = {
     INPUT_IDS: ("TYPE_INT32", [-1], False),

@@ -3,7 +3,9 @@
     python -m mmgpt.serving.launch --export-dir artifacts/export --repo-dir artifacts/triton_repo \\
         --host 127.0.0.1 --grpc-port 8001 --http-port 8000 --metrics-port 8002
 
-Stops cleanly on SIGTERM / Ctrl-C. Models load (and warm up) at startup; the model-control API is off.
+On SIGTERM / Ctrl-C it drains: new requests are refused, running answers finish (up to 30 s), then it exits 0.
+Models load (and warm up) at startup; a model whose process dies is loaded again (the model-control API is
+locked to this launcher).
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"prompt tokens a shared-KV decoder reads per iteration (default {defaults.llm_prefill_chunk_tokens})")
     p.add_argument("--vision-cache-mb", type=int, default=defaults.vision_cache_mb,
                    help=f"image embeddings kept for repeated images (default {defaults.vision_cache_mb}; 0 = off)")
+    p.add_argument("--kv-budget-mb", type=int, default=defaults.llm_kv_budget_mb,
+                   help=f"keys/values the LLM's running sequences may grow to; more requests wait, then get a "
+                        f"busy error (default {defaults.llm_kv_budget_mb}; 0 = no budget)")
     a = p.parse_args(argv)
 
     from mmgpt.serving.tritonserver import TritonNotFoundError, TritonServer
@@ -46,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         repo = assemble_repository(a.export_dir, a.repo_dir, llm_max_batch_size=a.max_inflight,
                                    entry_instances=a.entry_instances, ort_threads=a.ort_threads,
                                    llm_prefix_cache_mb=a.prefix_cache_mb, vision_cache_mb=a.vision_cache_mb,
-                                   llm_prefill_chunk_tokens=a.prefill_chunk)
+                                   llm_prefill_chunk_tokens=a.prefill_chunk, llm_kv_budget_mb=a.kv_budget_mb)
     except (ExportMissingError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

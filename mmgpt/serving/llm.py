@@ -242,6 +242,7 @@ class _Row:
     sink: TokenSink
     sampler: Sampler
     budget: int  # tokens this row may still produce, as generate_ids computes it
+    queued_at: float = 0.0  # time.monotonic() when it was submitted
     produced: int = 0
     pending: int | None = None  # the last sampled token, to be fed by the next decode step
     length: int = 0  # real tokens in the KV cache (prompt + fed tokens) = the next position id
@@ -325,6 +326,9 @@ class BatcherStats:
     prefix_tokens: int = 0  # prompt tokens not prefilled thanks to it
     cancelled: int = 0
     max_batch: int = 0
+    busy: int = 0  # requests refused for want of room (queue full, or waited past queue_timeout_s)
+    queued: int = 0  # requests waiting to join the batch (now)
+    kv_reserved_bytes: int = 0  # keys/values the running rows may grow to (now; see InflightBatcher.kv_budget_bytes)
 
 
 class InflightBatcher:
@@ -340,9 +344,22 @@ class InflightBatcher:
         on_iteration: Callable[[BatcherStats], None] | None = None,
         prefix_cache_bytes: int = 0,
         prefill_chunk: int = 256,
+        kv_budget_bytes: int = 0,
+        queue_timeout_s: float = 60.0,
+        max_queue: int = 256,
     ):
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        if kv_budget_bytes < 0 or queue_timeout_s <= 0 or max_queue < 1:
+            raise ValueError("kv_budget_bytes must be >= 0 (0 = no budget), queue_timeout_s > 0 and max_queue >= 1")
+        # Memory: a row joins the batch only when the keys/values of every running row, each grown to its
+        # prompt + token budget, fit `kv_budget_bytes` (0: no budget). Both cache layouts hold
+        # rows x the longest row, so that is what is counted. Others wait, at most `queue_timeout_s` and at
+        # most `max_queue` of them; past either they get a "busy" error instead of a queue without end.
+        self.kv_budget_bytes = kv_budget_bytes
+        self.kv_token_bytes = 2 * model.num_layers * model.num_kv_heads * model.head_dim * 4  # fp32 K and V
+        self.queue_timeout_s = queue_timeout_s
+        self.max_queue = max_queue
         if prefill_chunk < 1:
             raise ValueError("prefill_chunk must be >= 1")
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
@@ -374,14 +391,29 @@ class InflightBatcher:
     def submit(self, request: GenerationRequest, sink: TokenSink) -> None:
         """Queue a sequence; it joins the batch at the next iteration."""
         budget = min(request.params.max_tokens, self.max_context - len(request.input_ids))
-        row = _Row(request, sink, Sampler(request.params, self.vocab_limit), budget)
+        row = _Row(request, sink, Sampler(request.params, self.vocab_limit), budget, queued_at=time.monotonic())
+        alone = self._reserve_bytes(1, self._span(row))
+        if self.kv_budget_bytes and alone > self.kv_budget_bytes:
+            self._finish(row, "error", f"this request needs {alone / 2**20:,.1f} MiB of keys/values (prompt + max_tokens), "
+                         f"more than the LLM's whole budget of {self.kv_budget_bytes / 2**20:,.1f} MiB (kv_budget_mb): "
+                         "ask for fewer tokens or send a shorter prompt")
+            return
         if self.prefix_cache is not None:
             row.table_key = None if request.prompt_table is None else content_key(request.prompt_table)
         with self._cond:
-            if self._stopped_ids.pop(request.request_id, None) is not None:
-                row.stop = True
-            self._waiting.append(row)
-            self._cond.notify_all()
+            if len(self._waiting) >= self.max_queue:
+                self.stats.busy += 1
+                full = True
+            else:
+                full = False
+                if self._stopped_ids.pop(request.request_id, None) is not None:
+                    row.stop = True
+                self._waiting.append(row)
+                self.stats.queued = len(self._waiting)
+                self._cond.notify_all()
+        if full:
+            self._finish(row, "error", f"busy: {self.max_queue} requests are already waiting for the LLM (max_queue); "
+                         "try again shortly")
 
     def stop(self, request_id: str) -> None:
         """Stop every sequence with this request id at the next iteration (TensorRT-LLM's `stop`)."""
@@ -413,7 +445,8 @@ class InflightBatcher:
         if self._thread is not None:
             self._thread.join(timeout)
         for row in self._take_all():
-            self._finish(row, "cancelled")
+            # An error, not a quiet end: the client must not take what it got so far for the whole answer.
+            self._finish(row, "error", "the server stopped before this answer was finished: ask again")
 
     def run_until_idle(self, max_iterations: int = 1_000_000) -> None:
         """Iterate in the calling thread until nothing is left (tests, warm-up)."""
@@ -442,15 +475,65 @@ class InflightBatcher:
             self._past = self._mask = self._prefilling = None
         return rows
 
+    # -- admission: rows, memory and the queue ---------------------------------------------------------
+
+    @staticmethod
+    def _span(row: _Row) -> int:
+        """The most tokens the row's keys/values can reach: its prompt and every token it may produce."""
+        return len(row.request.input_ids) + row.budget
+
+    def _reserve_bytes(self, rows: int, longest: int) -> int:
+        return rows * longest * self.kv_token_bytes
+
+    def _running(self) -> list[_Row]:
+        return self._rows + ([self._prefilling] if self._prefilling is not None else [])
+
+    def _fits(self, row: _Row, running: list[_Row]) -> bool:
+        """May `row` join `running` rows: a free row in the batch, and the budget (rows x longest span)?"""
+        if len(running) >= self.max_batch:
+            return False
+        if not self.kv_budget_bytes:
+            return True
+        longest = max([self._span(r) for r in running] + [self._span(row)])
+        return self._reserve_bytes(len(running) + 1, longest) <= self.kv_budget_bytes
+
+    def _admit(self, running: list[_Row], limit: int | None = None) -> list[_Row]:
+        """Take the waiting rows that fit, oldest first (a row that does not fit holds the ones behind it:
+        first come, first served, so a large request is not starved by small ones). Scheduler thread only."""
+        taken: list[_Row] = []
+        with self._cond:
+            while self._waiting and (limit is None or len(taken) < limit) and self._fits(self._waiting[0], running + taken):
+                taken.append(self._waiting.pop(0))
+            self.stats.queued = len(self._waiting)
+        self.stats.kv_reserved_bytes = self._reserve_bytes(
+            len(running) + len(taken), max([self._span(r) for r in running + taken], default=0))
+        return taken
+
+    def _expire(self) -> None:
+        """Refuse the waiting rows that waited longer than queue_timeout_s, with a "busy" error."""
+        now = time.monotonic()
+        with self._cond:
+            expired = [r for r in self._waiting if now - r.queued_at > self.queue_timeout_s]
+            if not expired:
+                return
+            self._waiting = [r for r in self._waiting if now - r.queued_at <= self.queue_timeout_s]
+            self.stats.busy += len(expired)
+            self.stats.queued = len(self._waiting)
+        for row in expired:
+            self._finish(row, "error", f"busy: the LLM had no room for this request for {self.queue_timeout_s:g} s "
+                         f"({len(self._rows)} sequences running; queue_timeout_s, kv_budget_mb): try again shortly")
+
     def step(self) -> bool:
         """One iteration: drop stopped rows, prefill arrivals, one decode step. False when idle."""
         if self.shared_kv:
             return self._step_shared()
         with self._cond:
-            room = self.max_batch - len(self._rows)
-            arrivals, self._waiting = self._waiting[: max(room, 0)], self._waiting[max(room, 0) :]
+            if not self._waiting and not self._rows:
+                return False
+        self._expire()
+        arrivals = self._admit(self._rows)
         if not arrivals and not self._rows:
-            return False
+            return self.active() > 0  # all waiting (a budget nobody running can free is refused at submit)
         self.stats.iterations += 1
         self._drop(lambda r: r.stop or r.sink.cancelled(), "cancelled")
         arrivals = [r for r in arrivals if not self._cancel_if_stopped(r)]
@@ -620,6 +703,7 @@ class InflightBatcher:
             if not self._waiting and not self._rows and self._prefilling is None:
                 return False
         self.stats.iterations += 1
+        self._expire()
         self._drop_shared(lambda r: r.stop or r.sink.cancelled())
         budget = self.prefill_chunk
         while budget > 0 and len(self._rows) < self.max_batch:
@@ -640,10 +724,10 @@ class InflightBatcher:
     def _next_arrival(self) -> _Row | None:
         """The next waiting row to read, its cached prefix (if any) already in the reading cache."""
         while True:
-            with self._cond:
-                if not self._waiting:
-                    return None
-                row = self._waiting.pop(0)
+            taken = self._admit(self._running(), limit=1)
+            if not taken:
+                return None
+            row = taken[0]
             if self._cancel_if_stopped(row):
                 continue
             row.length = 0

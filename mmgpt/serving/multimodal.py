@@ -12,11 +12,13 @@ the reference answer token for token.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,7 +30,7 @@ from mmgpt.config import MMGPTConfig
 from mmgpt.generation import SamplingParams, TextStream, check_prompt
 from mmgpt.preprocess import InputError, Limits, image_pixels, pixel_values
 from mmgpt.serving import contract as c
-from mmgpt.template import Message, join_question, parse_history, prompt_ids
+from mmgpt.template import Message, fit_prompt, join_question, parse_history, prompt_ids
 
 # ------------------------------------------------------------------------------------------------
 # Settings (config.pbtxt parameters) and request parsing
@@ -46,6 +48,11 @@ class EntrySettings:
     # The longest a whole request may take; past it the LLM is told to stop and the client gets an error
     # saying so (a client that waits forever is a worker lost).
     request_deadline_s: float = 600.0
+    # A conversation longer than the context loses its oldest turns (see `fit_prompt`) until the prompt
+    # leaves this many tokens for the answer (or max_tokens, if smaller). Absurd histories are refused.
+    min_answer_tokens: int = 64
+    max_history_bytes: int = 1 << 20
+    max_history_messages: int = 256
 
     @property
     def limits(self) -> Limits:
@@ -59,6 +66,9 @@ class EntrySettings:
             max_tokens_limit=int(params["max_tokens_limit"]),
             response_timeout_s=float(params["response_timeout_s"]),
             request_deadline_s=float(params["request_deadline_s"]),
+            min_answer_tokens=int(params["min_answer_tokens"]),
+            max_history_bytes=int(params["max_history_bytes"]),
+            max_history_messages=int(params["max_history_messages"]),
         )
 
 
@@ -99,12 +109,18 @@ def parse_question(inputs: Mapping[str, np.ndarray | None], settings: EntrySetti
     if not text.strip() and audio is None:
         raise InputError(f"no question: {c.TEXT_INPUT} is empty and there is no {c.AUDIO_INPUT}")
     raw_history = _bytes(inputs, c.HISTORY)
+    if raw_history is not None and len(raw_history) > settings.max_history_bytes:
+        raise InputError(f"{c.HISTORY} is {len(raw_history):,} bytes, over the limit of {settings.max_history_bytes:,} "
+                         "(max_history_bytes): send fewer or shorter earlier turns")
     try:
         history = tuple(parse_history(raw_history)) if raw_history is not None else ()
     except InputError:
         raise
     except ValueError as e:
         raise InputError(str(e)) from None
+    if len(history) > settings.max_history_messages:
+        raise InputError(f"{c.HISTORY} holds {len(history)} messages, over the limit of {settings.max_history_messages} "
+                         "(max_history_messages): send fewer earlier turns")
 
     def scalar(name: str, cast: Callable, default):
         value = c.first(inputs.get(name))
@@ -147,7 +163,9 @@ class Stages(Protocol):
         """Tell the LLM to stop generating for request_id (cancellation is not passed on through BLS)."""
 
 
-Send = Callable[[str | None, str | None, bool], None]  # (text, transcript, final); (None, None, True) = bare end
+# (text, transcript, history_dropped, final); (None, None, None, True) = a bare end. The transcript and the
+# count of dropped history messages ride on the first response ("" and 0 on later ones).
+Send = Callable[[str | None, str | None, int | None, bool], None]
 
 
 class Replies:
@@ -160,13 +178,16 @@ class Replies:
         self.send = send
         self.stream = stream
         self.transcript = ""
+        self.dropped = 0
         self.parts: list[str] = []
         self.sent = False
         self.closed = False
 
-    def heard(self, transcript: str) -> None:
+    def heard(self, transcript: str, dropped: int = 0) -> None:
+        """What the audio said and how many earlier messages were cut to fit the context; streamed at once."""
         self.transcript = transcript
-        if self.stream and transcript:
+        self.dropped = dropped
+        if self.stream and (transcript or dropped):
             self._send("", final=False)
 
     def piece(self, text: str) -> None:
@@ -179,14 +200,14 @@ class Replies:
 
     def close(self) -> None:
         if self.stream and self.sent:
-            self.send(None, None, True)
+            self.send(None, None, None, True)
         else:  # non-streaming, or a stream that produced nothing: one response with everything
             self._send("".join(self.parts), final=True)
         self.closed = True
 
     def _send(self, text: str, *, final: bool) -> None:
-        transcript = "" if self.sent else self.transcript
-        self.send(text, transcript, final)
+        first = not self.sent
+        self.send(text, self.transcript if first else "", self.dropped if first else 0, final)
         self.sent = True
 
 
@@ -247,11 +268,13 @@ class Pipeline:
             raise InputError(f"{e} (the audio was transcribed as {transcript!r})") from None
         if pixels is not None and table is None:
             table = stages.encode_image(pixels)
-        ids = prompt_ids(self.config, self.tokenizer, question.history, asked, has_image=table is not None)
+        room = min(question.params.max_tokens, self.settings.min_answer_tokens)
+        ids, dropped = fit_prompt(self.config, self.tokenizer, question.history, asked,
+                                  has_image=table is not None, room=room)
         check_prompt(len(ids), self.config.max_context)
         # The same budget as generate_ids: the LLM gets no more than the context leaves.
         params = replace(question.params, max_tokens=min(question.params.max_tokens, self.config.max_context - len(ids)))
-        replies.heard(transcript)
+        replies.heard(transcript, dropped)
         if is_cancelled():
             return "cancelled"
 
@@ -320,12 +343,20 @@ class ResponsePump:
         *,
         timeout_s: float,
         poll_s: float = 0.05,
+        alive: Callable[[], bool] | None = None,
+        alive_every_s: float = 1.0,
     ):
         self._queue: queue.Queue = queue.Queue()
         self._timeout_s = timeout_s
         self._poll_s = poll_s
         self._last = time.monotonic()
         self._done = False
+        # Is the process answering still there? Asked while waiting: a model process that died never sends
+        # another response, and waiting for the timeout would hold the client (and this instance) for minutes.
+        self._alive = alive
+        self._alive_every_s = alive_every_s
+        self._checked = self._last
+        self._abandoned = False
         self._thread = threading.Thread(target=self._read, args=(start, decode), daemon=True, name="bls-reader")
         self._thread.start()
 
@@ -353,9 +384,16 @@ class ResponsePump:
         try:
             kind, value = self._queue.get(timeout=self._poll_s)
         except queue.Empty:
-            if time.monotonic() - self._last > self._timeout_s:
+            now = time.monotonic()
+            if now - self._last > self._timeout_s:
                 self._done = True
                 raise TimeoutError(f"no response from the LLM within {self._timeout_s:g} s") from None
+            if self._alive is not None and now - self._checked >= self._alive_every_s:
+                self._checked = now
+                if not self._alive():
+                    self._done = self._abandoned = True  # its reader waits for a response that never comes
+                    raise LLMGone("the LLM's process stopped before this answer was finished (the server is "
+                                  "restarting it): ask again") from None
             return []
         self._last = time.monotonic()
         if kind == "end":
@@ -369,4 +407,86 @@ class ResponsePump:
     def close(self, timeout_s: float = 30.0) -> None:
         """Stop yielding and wait (at most timeout_s) for the reader to reach the end of the stream."""
         self._done = True
-        self._thread.join(timeout_s)
+        if not self._abandoned:
+            self._thread.join(timeout_s)
+
+
+class LLMGone(RuntimeError):
+    """The process of the LLM model died while it was generating for this request."""
+
+
+class ShuttingDown(RuntimeError):
+    """The launcher is stopping the server: no new requests."""
+
+
+@contextmanager
+def busy(path: Path) -> Iterator[None]:
+    """A file holding this process's pid while the block runs: what a drain waits for (TritonServer._drain)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{os.getpid()}\n")
+    try:
+        yield
+    finally:
+        with suppress(OSError):
+            path.unlink()
+
+
+def refuse_if_draining(marker: Path) -> None:
+    """Raise ShuttingDown while the launcher's drain marker exists (`TritonServer.stop`)."""
+    if marker.exists():
+        raise ShuttingDown("the server is shutting down and takes no new requests (the running answers are "
+                           "finishing): ask again once it is back")
+
+
+def failure(error: BaseException) -> tuple[str, str]:
+    """(kind, message) for a failed request: "invalid" (bad input: the message is for the user),
+    "unavailable" (the server is stopping, or a model process died: asking again later can work) or
+    "internal"."""
+    if isinstance(error, InputError):
+        return "invalid", str(error)
+    if isinstance(error, (ShuttingDown, LLMGone)):
+        return "unavailable", str(error)
+    return "internal", f"internal error: {type(error).__name__}: {error}"
+
+
+def process_alive(pid: int) -> bool:
+    """Is process `pid` running (not gone, not a zombie)? Model processes of one server share a user."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2 :].split()[:1] != ["Z"]
+
+
+def is_restarting(message: str) -> bool:
+    """Is this Triton error the one a model gives while its dead Python process waits to be replaced?"""
+    return "Stub process" in message and "is not healthy" in message
+
+
+def through_restarts(call: Callable[[], Any], error_of: Callable[[Any], str | None], *,
+                     wait_s: float = 20.0, every_s: float = 0.25) -> Any:
+    """call() -> its response, called again while the response is the error of a model whose process died
+    and is being loaded again by the launcher (seconds; see TritonServer._supervise), for up to wait_s.
+    Only for calls without side effects (whisper, the vision encoder): a retry must not do anything twice."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        response = call()
+        error = error_of(response)
+        if error is None or not is_restarting(error) or time.monotonic() >= deadline:
+            return response
+        time.sleep(every_s)
+
+
+def read_pid(path: Path) -> int | None:
+    """The pid a model process wrote at startup (`write_pid`), or None (no file: e.g. TensorRT-LLM's model)."""
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def write_pid(path: Path) -> None:
+    """Write this process's pid to `path` atomically (a reader never sees a half-written file)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(f"{os.getpid()}\n")
+    os.replace(tmp, path)

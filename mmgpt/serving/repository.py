@@ -59,13 +59,24 @@ class ServeSettings:
     # a shared-KV decoder reads new prompts at most this many tokens an iteration, so running answers wait
     # for one chunk, not for a whole long prompt (the traced decoder prefills whole prompts)
     llm_prefill_chunk_tokens: int = 256
+    # keys/values the running sequences may grow to (rows x the longest prompt + max_tokens); requests past it
+    # wait, at most llm_queue_timeout_s and llm_max_queue of them, then get a "busy" error. 0 = no budget.
+    # 4 GiB holds ~6,500 Phi-2 tokens in fp32 (e.g. 8 conversations of ~800 tokens).
+    llm_kv_budget_mb: int = 4096
+    llm_queue_timeout_s: float = 60.0
+    llm_max_queue: int = 256
     entry_instances: int = 8  # requests the entry point answers at once (one per instance)
+    entry_max_queue: int = 64  # requests waiting for an instance; more are refused at once (busy)
+    entry_queue_timeout_s: float = 60.0  # the longest a request waits for an instance before it is refused (busy)
     vision_max_batch_size: int = 8
     vision_max_queue_delay_us: int = 2000
     vision_cache_mb: int = 256  # image embeddings kept by content (a repeated image is not encoded again); 0 = off
     ort_threads: int = 0  # intra-op threads per ONNX Runtime session; 0 = all cores
     response_timeout_s: float = 300.0
     request_deadline_s: float = 600.0  # a whole request; past it the LLM stops and the client gets an error
+    min_answer_tokens: int = 64  # an over-long conversation loses its oldest turns until this much room is left
+    max_history_bytes: int = 1 << 20
+    max_history_messages: int = 256
     execution_env: str | None = None  # the venv the Python backend runs in; None: this one
 
     def __post_init__(self) -> None:
@@ -75,11 +86,14 @@ class ServeSettings:
             raise ValueError("the ONNX Runtime llm model takes an FP32 prompt table")
         for name in ("max_image_bytes", "max_image_pixels", "max_audio_bytes", "llm_max_batch_size", "vision_max_batch_size",
                      "entry_instances", "llm_prefill_chunk_tokens", "max_audio_sample_rate", "max_audio_channels",
-                     "max_audio_decoded_bytes"):
+                     "max_audio_decoded_bytes", "min_answer_tokens", "max_history_bytes", "max_history_messages",
+                     "llm_max_queue", "entry_max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        if self.vision_cache_mb < 0 or self.llm_prefix_cache_mb < 0:
-            raise ValueError("vision_cache_mb and llm_prefix_cache_mb must be >= 0 (0 = no cache)")
+        if self.vision_cache_mb < 0 or self.llm_prefix_cache_mb < 0 or self.llm_kv_budget_mb < 0:
+            raise ValueError("vision_cache_mb, llm_prefix_cache_mb and llm_kv_budget_mb must be >= 0 (0 = off)")
+        if self.llm_queue_timeout_s <= 0 or self.entry_queue_timeout_s <= 0:
+            raise ValueError("llm_queue_timeout_s and entry_queue_timeout_s must be > 0")
         if self.max_audio_seconds <= 0 or self.response_timeout_s <= 0 or self.request_deadline_s <= 0:
             raise ValueError("max_audio_seconds, response_timeout_s and request_deadline_s must be > 0")
 
@@ -136,7 +150,12 @@ def assemble_repository(export_dir: str | Path, repo_dir: str | Path, **settings
             "max_tokens_limit": s.max_tokens_limit,
             "response_timeout_s": s.response_timeout_s,
             "request_deadline_s": s.request_deadline_s,
+            "min_answer_tokens": s.min_answer_tokens,
+            "max_history_bytes": s.max_history_bytes,
+            "max_history_messages": s.max_history_messages,
             "entry_instances": s.entry_instances,
+            "entry_max_queue": s.entry_max_queue,
+            "entry_queue_timeout_us": int(s.entry_queue_timeout_s * 1e6),
         },
         c.VISION: {
             **common,
@@ -166,6 +185,9 @@ def assemble_repository(export_dir: str | Path, repo_dir: str | Path, **settings
             "llm_max_batch_size": s.llm_max_batch_size,
             "llm_prefix_cache_mb": s.llm_prefix_cache_mb,
             "llm_prefill_chunk_tokens": s.llm_prefill_chunk_tokens,
+            "llm_kv_budget_mb": s.llm_kv_budget_mb,
+            "llm_queue_timeout_s": s.llm_queue_timeout_s,
+            "llm_max_queue": s.llm_max_queue,
             "prompt_embedding_table_data_type": s.prompt_embedding_table_data_type,
             "ort_threads": s.ort_threads,
             "warmup_prompt_tokens": len(warmup_ids),

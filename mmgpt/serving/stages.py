@@ -142,10 +142,12 @@ class LLMStage:
             default_pad_id=self.config.pad_token_id,
         )
 
-    def batcher(self, max_batch: int, on_iteration=None, prefix_cache_bytes: int = 0, prefill_chunk: int = 256):
+    def batcher(self, max_batch: int, on_iteration=None, prefix_cache_bytes: int = 0, prefill_chunk: int = 256,
+                **admission):
+        """An InflightBatcher over this model; `admission`: kv_budget_bytes, queue_timeout_s, max_queue."""
         from mmgpt.serving.llm import InflightBatcher
 
         return InflightBatcher(
             self.model, max_batch=max_batch, vocab_limit=self.vocab_limit, max_context=self.config.max_context,
-            on_iteration=on_iteration, prefix_cache_bytes=prefix_cache_bytes, prefill_chunk=prefill_chunk,
+            on_iteration=on_iteration, prefix_cache_bytes=prefix_cache_bytes, prefill_chunk=prefill_chunk, **admission,
         )

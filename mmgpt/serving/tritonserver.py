@@ -60,6 +60,12 @@ INSTALL_HINT = (
 # Files of the Python backend that go into <backend dir>/python/ next to the stub.
 _PYTHON_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
 _STUB_NAME = "triton_python_backend_stub"
+# Shared with the entry point (mmgpt.serving.contract): the drain marker at the repository's root, and the
+# folder in a model's directory where each instance keeps a file (holding its pid) while it answers. (Not a
+# folder at the root: Triton would take it for a model.)
+DRAIN_FILE = ".draining"
+ENTRY_BUSY_DIR = "busy"
+ADMIN_HEADER = "mmgpt-admin-key"  # the header that unlocks the model-repository API of a supervised server
 
 
 class TritonNotFoundError(RuntimeError):
@@ -382,6 +388,10 @@ class TritonServer:
         # the served repository's entry point has 8, so a clean stop needs more than Triton's default 10 s.
         exit_timeout_s: int = 30,
         die_with_parent: bool = True,
+        # Restart a model whose Python process died (see `_supervise`). Needs the model-control API,
+        # which is then locked behind a header only this object knows.
+        supervise: bool = True,
+        out: TextIO | None = None,  # where the supervisor says what it did (default: the server log)
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
         if not self.model_repository.is_dir():
@@ -416,6 +426,14 @@ class TritonServer:
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_handle: Any = None
         self._backend_dir: Path | None = None
+        self.supervise = supervise
+        self._admin_key = secrets.token_hex(16)
+        self._out = out
+        self._stopping = threading.Event()
+        self._proc_lock = threading.Lock()  # the supervisor replaces _proc when it restarts the server
+        self._supervisor: threading.Thread | None = None
+        self.restarts: list[tuple[str, int]] = []  # (model, pid of the process that died), oldest first
+        self.recovering = threading.Event()  # set while the supervisor reloads a model or restarts the server
 
     # -- addresses -------------------------------------------------------------------------------
 
@@ -462,9 +480,15 @@ class TritonServer:
             str(self.dist.server_bin),
             f"--model-repository={self.model_repository}",
             f"--backend-directory={self.backend_dir}",
-            # Every model in the repository loads at startup; the repository API cannot load or
-            # unload anything afterwards (a client must not be able to change what is served).
-            "--model-control-mode=none",
+            # Every model in the repository loads at startup. A client must not be able to change what is
+            # served: the repository API is off, or (supervised) restricted to requests that carry a
+            # header only this launcher knows, which it uses to reload a model whose process died.
+            *(
+                ["--model-control-mode=explicit", "--load-model=*",
+                 f"--http-restricted-api=model-repository:{ADMIN_HEADER}={self._admin_key}",
+                 f"--grpc-restricted-protocol=model-repository:{ADMIN_HEADER}={self._admin_key}"]
+                if self.supervise else ["--model-control-mode=none"]
+            ),
             "--strict-readiness=true",
             "--exit-on-error=true",
             f"--exit-timeout-secs={self.exit_timeout_s}",
@@ -501,10 +525,17 @@ class TritonServer:
         """Launch the server in its own process group (session); does not wait for readiness."""
         if self.is_running():
             raise RuntimeError("server already running")
+        self._stopping.clear()
+        self._supervisor = None
+        with contextlib.suppress(OSError):
+            (self.model_repository / DRAIN_FILE).unlink()  # left by a launcher that was killed mid-drain
+        # Truncated: the tail shown on failure and the echoed log must be this run's, not an earlier one's.
+        return self._launch("wb")
+
+    def _launch(self, log_mode: str) -> TritonServer:
         cmd = self.command()
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        # Truncated: the tail shown on failure and the echoed log must be this run's, not an earlier one's.
-        self._log_handle = open(self.log_file, "wb")
+        self._log_handle = open(self.log_file, log_mode)
         # The death signal is tied to the launching *thread*; only the main thread lives as long as the
         # process, so from any other thread it would kill the server early.
         preexec = (
@@ -576,15 +607,28 @@ class TritonServer:
         parts.append(f"--- last lines of {self.log_file} ---\n{_tail(self.log_file)}")
         return "\n".join(parts)
 
-    def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM the process group, SIGKILL it after ``timeout`` s; always reap. Returns the exit code."""
-        proc = self._proc
+    def stop(self, timeout: float | None = None, drain: bool = True) -> int | None:
+        """Drain, then stop: SIGTERM the server (not its model processes), SIGKILL the whole process group
+        after ``timeout`` s (default: twice the exit timeout + 15 s); always reap. Returns the exit code.
+
+        The drain (`_drain`) lets the running requests finish while every model still serves. On SIGTERM
+        Triton then refuses new requests, reports not ready, waits for what still runs (up to
+        --exit-timeout-secs), unloads the models and exits 0. A signal sent to the group instead would
+        reach every model process at once and end their streams half-way.
+        """
+        self._stopping.set()
+        with self._proc_lock:
+            proc = self._proc
         if proc is None:
             return None
+        if timeout is None:
+            timeout = 2 * self.exit_timeout_s + 15.0
         try:
             if proc.poll() is None:
+                if drain:
+                    self._drain(proc)
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
+                    os.kill(proc.pid, signal.SIGTERM)
                 try:
                     proc.wait(timeout=timeout)
                 except subprocess.TimeoutExpired:
@@ -607,9 +651,214 @@ class TritonServer:
                         break
                     time.sleep(0.05)
         finally:
+            if self._supervisor is not None and self._supervisor is not threading.current_thread():
+                self._supervisor.join(timeout=5)
+            with contextlib.suppress(OSError):
+                (self.model_repository / DRAIN_FILE).unlink()
             self._close_log()
             self._remove_shm()
         return proc.returncode
+
+    def _drain(self, proc: subprocess.Popen[bytes]) -> None:
+        """Before SIGTERM: new requests are refused, running ones finish, for up to the exit timeout.
+
+        Triton's own drain (on SIGTERM) refuses every new inference request, the ones a running request
+        makes to other models included: an entry point that has yet to call whisper or the vision encoder
+        would fail half-way. So the launcher first writes a marker the entry point checks for each new
+        request (it then refuses it: "the server is shutting down"), and waits until no entry-point
+        instance is answering (their files in ENTRY_BUSY_DIR, whose process is alive) and nothing waits in
+        Triton's queues (its metrics), every model serving.
+        """
+        marker = self.model_repository / DRAIN_FILE
+        try:
+            marker.write_text(f"stopping since {time.time():.0f}\n")
+        except OSError:
+            return
+        deadline = time.monotonic() + self.exit_timeout_s
+        idle = 0
+        while time.monotonic() < deadline and proc.poll() is None:
+            pending = self._metric_total("nv_inference_pending_request_count")
+            if pending is None:  # no metrics to go by: Triton's own drain is all there is
+                return
+            idle = idle + 1 if pending == 0 and not self._answering() else 0
+            if idle >= 2:  # twice in a row: a request passed between two instances is not missed
+                return
+            time.sleep(0.2)
+
+    def _answering(self) -> list[int]:
+        """Pids of the entry-point processes answering a request now (a dead one's file does not count)."""
+        pids = []
+        for f in self.model_repository.glob(f"*/{ENTRY_BUSY_DIR}/*"):
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(f.read_text())
+                if Path(f"/proc/{pid}").exists():
+                    pids.append(pid)
+        return pids
+
+    def _metric_total(self, name: str) -> float | None:
+        """Sum of a metric family's samples on /metrics (0 if absent); None if /metrics cannot be read."""
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(self.metrics_url, timeout=5) as resp:
+                text = resp.read().decode()
+        except (urllib.error.URLError, OSError, ValueError):
+            return None
+        return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})?\s+(\S+)$", text, re.M))
+
+    # -- supervision -------------------------------------------------------------------------------
+
+    def model_processes(self) -> dict[int, str]:
+        """pid -> model name of the Python-backend processes of this server (its process group)."""
+        found: dict[int, str] = {}
+        if self._proc is None:
+            return found
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            # Fields after the command's closing parenthesis: state, ppid, pgrp, ...
+            fields = stat[stat.rfind(")") + 2 :].split()
+            if len(fields) < 3 or int(fields[2]) != self._proc.pid or fields[0] == "Z" or len(argv) < 2:
+                continue
+            if not argv[0].endswith(_STUB_NAME.encode()):
+                continue
+            model_py = Path(argv[1].decode(errors="replace"))  # <repository>/<model>/<version>/model.py
+            if model_py.parent.parent.parent == self.model_repository:
+                found[int(entry.name)] = model_py.parent.parent.name
+        return found
+
+    def reload(self, model: str, timeout: float = 300.0) -> None:
+        """Load `model` again through the restricted repository API (a supervised server only)."""
+        if not self.supervise:
+            raise RuntimeError("reload needs a supervised server (supervise=True)")
+        # "load" loads a model again only if its directory changed since it was loaded; otherwise it is a
+        # no-op that leaves the dead process in place (seen on 2.51; Triton compares the modification times
+        # of the model's directories, which editing a file's contents does not change): mark them changed.
+        model_dir = self.model_repository / model
+        for d in [model_dir, *(p for p in model_dir.iterdir() if p.is_dir())]:
+            os.utime(d)
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        request = urllib.request.Request(
+            f"http://{self.http_url}/v2/repository/models/{model}/load", data=b"{}", method="POST",
+            headers={ADMIN_HEADER: self._admin_key, "Content-Type": "application/json"},
+        )
+        with opener.open(request, timeout=timeout) as resp:
+            resp.read()
+
+    def _reload_while_alive(self, model: str, timeout: float = 300.0) -> str | None:
+        """`reload` in a helper thread, given up as soon as the server itself is gone (a process that died
+        can take the server down with it; a load request to a dying server may never be answered).
+        None when loaded, else what went wrong."""
+        outcome: list[BaseException | None] = []
+
+        def load() -> None:
+            try:
+                self.reload(model, timeout)
+                outcome.append(None)
+            except BaseException as e:  # handed to the supervisor
+                outcome.append(e)
+
+        worker = threading.Thread(target=load, daemon=True, name=f"reload-{model}")
+        worker.start()
+        deadline = time.monotonic() + timeout
+        while worker.is_alive():
+            worker.join(0.5)
+            if not self.is_running() or self._stopping.is_set() or time.monotonic() > deadline:
+                return "the server stopped" if not self.is_running() else "given up"
+        error = outcome[0] if outcome else RuntimeError("no outcome")
+        return None if error is None else f"{type(error).__name__}: {error}"
+
+    def start_supervisor(self, poll_s: float = 0.5) -> None:
+        """Watch the model processes from now on; see `_supervise`. Idempotent."""
+        if self.supervise and self._supervisor is None:
+            # The processes to watch are read here, not in the thread: one killed before the thread's first
+            # look would otherwise never be missed.
+            self._supervisor = threading.Thread(target=self._supervise, args=(poll_s, self.model_processes()),
+                                                daemon=True, name="triton-supervisor")
+            self._supervisor.start()
+
+    def _say(self, message: str) -> None:
+        line = f"mmgpt supervisor: {message}\n"
+        if self._out is not None:
+            self._out.write(line)
+            self._out.flush()
+        elif self._log_handle is not None:
+            with contextlib.suppress(ValueError, OSError):
+                self._log_handle.write(line.encode())
+                self._log_handle.flush()
+
+    def _restart_server(self, attempts: int = 3) -> bool:
+        """The server process itself died without being asked to stop: start it again on the same ports.
+
+        Seen with Triton 2.51: a model process killed while it holds a lock in the shared memory it uses
+        with the server makes the server abort (boost::interprocess::lock_exception). Every request in
+        flight then ends with an error (the connection closes); the next ones are answered once the new
+        server is ready. False when it is not restarted (stopping, or `attempts` restarts in a row failed).
+        """
+        assert self._proc is not None
+        for _ in range(attempts):
+            with self._proc_lock:
+                if self._stopping.is_set():
+                    return False
+                code, pid = self._proc.returncode, self._proc.pid
+                self._close_log()
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)  # its model processes, orphaned
+                self._launch("ab")
+            self._say(f"tritonserver (pid {pid}) exited by itself with code {code}; started it again (pid {self.pid})")
+            self.restarts.append(("tritonserver", pid))
+            try:
+                self.wait_ready()
+            except ServerStartError as e:
+                self._say(f"the restarted tritonserver did not become ready: {str(e).splitlines()[0]}")
+                continue
+            self._say("tritonserver is ready again")
+            return True
+        return False
+
+    def _supervise(self, poll_s: float, known: dict[int, str]) -> None:
+        """Reload a model whose Python process died.
+
+        Triton 2.51 does not restart a Python-backend stub that was killed (OOM killer, a crash in a native
+        library): every later request to that model fails with "Stub process ... is not healthy" while the
+        server still reports ready. Loading the model again starts new processes; the requests the dead one
+        was serving end with an error (the entry point watches the LLM's process for that). The processes
+        of the old version that exit during a reload are not deaths. A reload that fails leaves the model
+        not ready, so the server reports not ready (--strict-readiness) for an orchestrator to restart it.
+        A server that dies by itself is started again (`_restart_server`).
+        """
+        while not self._stopping.wait(poll_s):
+            if not self.is_running():
+                self.recovering.set()
+                if not self._restart_server():
+                    return
+                known = self.model_processes()
+                self.recovering.clear()
+                continue
+            now = self.model_processes()
+            died = sorted({(model, pid) for pid, model in known.items() if pid not in now})
+            for model in sorted({m for m, _ in died}):
+                if self._stopping.is_set():
+                    return
+                self.recovering.set()
+                pids = [pid for m, pid in died if m == model]
+                self._say(f"the {model} process (pid {', '.join(map(str, pids))}) died; loading {model} again")
+                self.restarts.extend((model, pid) for pid in pids)
+                retiring = {pid for pid, m in now.items() if m == model}
+                error = self._reload_while_alive(model)
+                if error is not None:
+                    if not self._stopping.is_set() and self.is_running():
+                        self._say(f"reloading {model} failed ({error}); the server reports not ready")
+                    break  # a server that died with its model is started again at the top of the loop
+                self._say(f"{model} is loaded again")
+                now = {pid: m for pid, m in self.model_processes().items() if pid not in retiring}
+            known = now
+            if self.is_running():  # else the next turn restarts the server: still recovering
+                self.recovering.clear()
 
     def _close_log(self) -> None:
         if self._log_handle is not None:
@@ -628,6 +877,7 @@ class TritonServer:
         try:
             self.start()
             self.wait_ready()
+            self.start_supervisor()
         except BaseException:
             self.stop()
             raise
@@ -673,6 +923,7 @@ class TritonServer:
                     )
                     follower.start()
                 self.wait_ready(ready_timeout)
+                self.start_supervisor()
                 print(
                     f"tritonserver ready (pid {self.pid})\n  gRPC    {self.grpc_url}\n  HTTP    http://{self.http_url}\n"
                     f"  metrics {self.metrics_url}\n  log     {self.log_file}\nCtrl-C to stop.",
@@ -680,7 +931,8 @@ class TritonServer:
                     flush=True,
                 )
                 assert self._proc is not None
-                while self._proc.poll() is None:
+                # A server that dies by itself is started again by the supervisor; wait while it does.
+                while self._proc.poll() is None or (self._supervisor is not None and self._supervisor.is_alive()):
                     stop_requested.wait(0.5)
                 code = self._proc.returncode or 0
                 print(f"tritonserver exited by itself with code {code}", file=out, flush=True)

@@ -7,6 +7,7 @@ streams tokens back through each request's response sender.
 import json
 import os
 import time
+from pathlib import Path
 
 # This process runs ONNX Runtime only; transformers (for the tokenizer's size) would import PyTorch.
 os.environ.setdefault("USE_TORCH", "0")
@@ -18,6 +19,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 from mmgpt.preprocess import InputError  # noqa: E402
 from mmgpt.serving import contract as c  # noqa: E402
 from mmgpt.serving.llm import StopRequest  # noqa: E402
+from mmgpt.serving.multimodal import write_pid  # noqa: E402
 from mmgpt.serving.stages import LLMStage  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -77,23 +79,30 @@ class Metrics:
         self.cancelled = family("mmgpt_llm_cancelled_total", "Sequences stopped by stop requests or cancellation", counter)
         self.prefix_hits = family("mmgpt_llm_prefix_hits_total", "Requests that started from a cached prefix", counter)
         self.prefix_tokens = family("mmgpt_llm_prefix_tokens_total", "Prompt tokens not prefilled thanks to the prefix cache", counter)
+        self.busy = family("mmgpt_llm_busy_total", "Requests refused with a busy error (queue full or waited too long)", counter)
         self.active = family("mmgpt_llm_active_sequences", "Sequences in the running batch", gauge)
-        self.seen = {"tokens": 0, "decode_steps": 0, "decode_rows": 0, "cancelled": 0, "prefix_hits": 0, "prefix_tokens": 0}
+        self.queued = family("mmgpt_llm_queued_requests", "Requests waiting for room in the batch", gauge)
+        self.reserved = family("mmgpt_llm_kv_reserved_bytes", "Keys/values the running sequences may grow to", gauge)
+        self.budget = family("mmgpt_llm_kv_budget_bytes", "The keys/values budget (0 = none)", gauge)
+        self.seen = {"tokens": 0, "decode_steps": 0, "decode_rows": 0, "cancelled": 0, "prefix_hits": 0, "prefix_tokens": 0,
+                     "busy": 0}
 
     def update(self, stats, active):
         for key, metric in (("tokens", self.tokens), ("decode_steps", self.steps), ("decode_rows", self.rows),
                             ("cancelled", self.cancelled), ("prefix_hits", self.prefix_hits),
-                            ("prefix_tokens", self.prefix_tokens)):
+                            ("prefix_tokens", self.prefix_tokens), ("busy", self.busy)):
             value = getattr(stats, key)
             if value > self.seen[key]:
                 metric.increment(value - self.seen[key])
                 self.seen[key] = value
         self.active.set(active)
+        self.queued.set(stats.queued)
+        self.reserved.set(stats.kv_reserved_bytes)
 
     def close(self):
         # Metrics before their families: the other order crashes the stub when it collects them.
         self.tokens = self.steps = self.rows = self.cancelled = self.active = None
-        self.prefix_hits = self.prefix_tokens = None
+        self.prefix_hits = self.prefix_tokens = self.busy = self.queued = self.reserved = self.budget = None
         self.families.clear()
 
 
@@ -103,11 +112,14 @@ class TritonPythonModel:
         params = c.parameters(config)
         self.stage = LLMStage(params["export_dir"], int(params["ort_threads"]))
         self.metrics = Metrics(args["model_name"])
+        self.metrics.budget.set(int(params["kv_budget_mb"]) * 2**20)
         self.batcher = self.stage.batcher(
             int(params["max_inflight"]), on_iteration=lambda stats: self.metrics.update(stats, self.batcher.active()),
             prefix_cache_bytes=int(params["prefix_cache_mb"]) * 2**20,
-            prefill_chunk=int(params["prefill_chunk_tokens"]),
+            prefill_chunk=int(params["prefill_chunk_tokens"]), kv_budget_bytes=int(params["kv_budget_mb"]) * 2**20,
+            queue_timeout_s=float(params["queue_timeout_s"]), max_queue=int(params["max_queue"]),
         ).start()
+        write_pid(Path(args["model_repository"]) / c.LLM_PID_FILE)
 
     def execute(self, requests):
         for request in requests:
