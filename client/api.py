@@ -113,6 +113,11 @@ class Piece:
     # How many of the oldest history messages the server left out to fit its context (0: none). A chat
     # drops them from its own history too, or every later turn is cut the same way.
     history_dropped: int = 0
+    # On the last piece: "stop" (the model ended, or a stop word) or "length" (max_tokens or the context),
+    # and the token counts (the prompt as the model read it, image positions included; the answer).
+    finish_reason: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,9 @@ class Result:
     text: str
     transcript: str = ""
     history_dropped: int = 0
+    finish_reason: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -148,6 +156,8 @@ class AnswerStream(Iterator[Piece]):
         self._pieces = pieces
         self.transcript = ""
         self.history_dropped = 0
+        self.finish_reason = ""
+        self.prompt_tokens = self.completion_tokens = 0
 
     def __iter__(self) -> AnswerStream:
         return self
@@ -156,6 +166,9 @@ class AnswerStream(Iterator[Piece]):
         piece = next(self._pieces)
         self.transcript = self.transcript or piece.transcript
         self.history_dropped = self.history_dropped or piece.history_dropped
+        if piece.finish_reason:
+            self.finish_reason = piece.finish_reason
+            self.prompt_tokens, self.completion_tokens = piece.prompt_tokens, piece.completion_tokens
         return piece
 
     def close(self) -> None:
@@ -404,7 +417,8 @@ class MMGPTClient:
         """`stream(...)` joined: the whole answer and the transcript."""
         with self.stream(text, **kwargs) as answer:
             joined = "".join(piece.text for piece in answer)
-        return Result(joined, answer.transcript, answer.history_dropped)
+        return Result(joined, answer.transcript, answer.history_dropped, answer.finish_reason, answer.prompt_tokens,
+                      answer.completion_tokens)
 
     def _stream_inputs(self, inputs: Mapping[str, np.ndarray]) -> Iterator[Piece]:
         import tritonclient.grpc as grpcclient
@@ -451,8 +465,10 @@ class MMGPTClient:
                 dropped = dropped or cut
                 text = _first(result, contract.TEXT_OUTPUT) or ""
                 final = bool(result.get_response().parameters["triton_final_response"].bool_param)
-                if text or heard or cut:  # the transcript is passed on as soon as it is known, even before any text
-                    yield Piece(text, transcript, dropped)
+                reason = (_first(result, contract.FINISH_REASON) or "") if final else ""
+                if text or heard or cut or reason:  # the transcript is passed on as soon as it is known
+                    counts = [int(_first(result, n) or 0) for n in (contract.PROMPT_TOKENS, contract.COMPLETION_TOKENS)]
+                    yield Piece(text, transcript, dropped, reason, *(counts if reason else (0, 0)))
                 if final:
                     finished = True
                     return

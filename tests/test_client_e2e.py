@@ -83,6 +83,25 @@ def test_no_stream_equals_stream(client: MMGPTClient, reference) -> None:
     assert whole[0].text == reference.ask(QUESTION, image=image, params=greedy()).text
 
 
+def test_the_last_piece_carries_usage_and_why_the_answer_ended(client: MMGPTClient, tiny_export) -> None:
+    from mmgpt.template import prompt_ids
+
+    image = asset("demo.png").read_bytes()
+    short = client.ask(QUESTION, image=image, max_tokens=3)  # random weights never end by themselves
+    assert short.finish_reason == "length" and short.completion_tokens == 3
+    pieces = list(client.stream(QUESTION, image=image, max_tokens=MAX_TOKENS, stop_words=[short.text[-2:]]))
+    assert pieces[-1].finish_reason == "stop" and pieces[-1].completion_tokens < MAX_TOKENS
+    assert not any(p.finish_reason for p in pieces[:-1])
+    served = client.ask(QUESTION, image=image, max_tokens=3, stream=False)
+    assert (served.finish_reason, served.completion_tokens, served.prompt_tokens) == ("length", 3, short.prompt_tokens)
+    from transformers import AutoTokenizer
+
+    from mmgpt.config import MMGPTConfig
+
+    config, tokenizer = MMGPTConfig.load(tiny_export), AutoTokenizer.from_pretrained(tiny_export / "tokenizer")
+    assert short.prompt_tokens == len(prompt_ids(config, tokenizer, [], QUESTION, has_image=True))
+
+
 def test_chat_keeps_history_across_turns(server: TritonServer, reference) -> None:
     """Four piped turns (image, follow-up, typed + spoken, follow-up); each answer equals the reference given the
     history, whose user turns are the questions as the model saw them."""

@@ -102,14 +102,22 @@ def test_bad_inputs_are_named(inputs, match):
 
 
 sent_dropped: list[int] = []  # history_dropped of every response sent, in order
+sent_end: list[tuple[str, int, int]] = []  # (finish_reason, prompt_tokens, completion_tokens) of each last response
 
 
 def _recorder():
+    """send() that records (text, transcript, final) per response, history_dropped in sent_dropped and the
+    last response's counts in sent_end."""
     sent = []
-    def send(text, transcript, dropped, final):
-        sent.append((text, transcript, final))
-        if dropped is not None:
-            sent_dropped.append(dropped)
+
+    def send(outputs, final):
+        if outputs is None:
+            sent.append((None, None, final))
+            return
+        sent.append((outputs[c.TEXT_OUTPUT], outputs[c.TRANSCRIPT], final))
+        sent_dropped.append(outputs[c.HISTORY_DROPPED])
+        if final:
+            sent_end.append((outputs[c.FINISH_REASON], outputs[c.PROMPT_TOKENS], outputs[c.COMPLETION_TOKENS]))
 
     return sent, send
 
@@ -122,16 +130,18 @@ def test_stream_sends_new_text_with_the_transcript_first():
     r.piece("")
     r.piece("lo")
     r.close()
-    assert sent == [("", "what was said", False), ("Hel", "", False), ("lo", "", False), (None, None, True)]
+    assert sent == [("", "what was said", False), ("Hel", "", False), ("lo", "", False), ("", "", True)]
 
 
-def test_the_count_of_dropped_history_messages_rides_on_the_first_response():
+def test_the_count_of_dropped_history_messages_rides_on_the_first_response_the_counts_on_the_last():
     sent = []
-    r = Replies(lambda *a: sent.append(a), stream=True)
+    r = Replies(lambda outputs, final: sent.append((outputs, final)), stream=True)
     r.heard("", dropped=4)
     r.piece("Hi")
-    r.close()
-    assert sent == [("", "", 4, False), ("Hi", "", 0, False), (None, None, None, True)]
+    r.close("length", 17, 3)
+    assert [(o[c.TEXT_OUTPUT], o[c.HISTORY_DROPPED], final) for o, final in sent] == [("", 4, False), ("Hi", 0, False), ("", 0, True)]
+    assert [(o[c.FINISH_REASON], o[c.PROMPT_TOKENS], o[c.COMPLETION_TOKENS]) for o, _ in sent] == [
+        ("", 0, 0), ("", 0, 0), ("length", 17, 3)]
 
 
 def test_no_stream_sends_exactly_one_response():
@@ -232,10 +242,10 @@ def run(pipeline, stages, inputs, cancel_after: int | None = None):
     def is_cancelled():
         return cancel_after is not None and len(pieces) >= cancel_after
 
-    def record(text, transcript, dropped, final):
-        if text:
-            pieces.append(text)
-        send(text, transcript, dropped, final)
+    def record(outputs, final):
+        if outputs is not None and outputs[c.TEXT_OUTPUT]:
+            pieces.append(outputs[c.TEXT_OUTPUT])
+        send(outputs, final)
 
     outcome = pipeline.answer(question, stages, Replies(record, stream=question.stream),
                               request_id=uuid.uuid4().hex, is_cancelled=is_cancelled)
@@ -263,6 +273,20 @@ def test_answers_equal_the_in_process_pipeline(pipeline, stages, exported, case)
     assert "".join(t for t, _, _ in sent if t) == want.text and want.text
     assert "".join(tr for _, tr, _ in sent if tr) == want.transcript
     assert bool(want.transcript) == ("audio_input" in kw)
+    # usage: the prompt as the template builds it, the tokens generated, why it stopped
+    question = parse_question(entry_inputs(text, **kw), SETTINGS)
+    from mmgpt.template import join_question
+
+    ids = pipeline_prompt(pipeline, question, join_question(text, want.transcript), "image_input" in kw)
+    reason, prompt_tokens, completion_tokens = sent_end[-1]
+    assert prompt_tokens == len(ids) and 1 <= completion_tokens <= question.params.max_tokens
+    assert reason == ("length" if completion_tokens == question.params.max_tokens else "stop")
+
+
+def pipeline_prompt(pipeline, question, asked, has_image):
+    from mmgpt.template import prompt_ids
+
+    return prompt_ids(pipeline.config, pipeline.tokenizer, question.history, asked, has_image=has_image)
 
 
 def test_stop_words_cut_like_the_reference_and_stop_the_llm(pipeline, stages, exported):
@@ -274,6 +298,7 @@ def test_stop_words_cut_like_the_reference_and_stop_the_llm(pipeline, stages, ex
     outcome, sent = run(pipeline, stages, entry_inputs("Tell me about it", stop_words=[word]))
     assert outcome == "stopped" and "".join(t for t, _, _ in sent if t) == want
     assert word not in want and len(stages.stopped) == 1
+    assert sent_end[-1][0] == "stop" and sent_end[-1][2] < params.max_tokens
 
 
 def _wait_idle(batcher, timeout=5.0):

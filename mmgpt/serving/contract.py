@@ -40,6 +40,12 @@ TEXT_OUTPUT = "text_output"  # BYTES
 TRANSCRIPT = "transcript"  # BYTES (also the whisper model's output)
 # INT32: how many of the oldest history messages were left out to fit the context (first response; else 0)
 HISTORY_DROPPED = "history_dropped"
+# On the last response (0 / "" before): tokens in the prompt the model read (image positions included),
+# tokens it generated, and why it stopped: "stop" (its end token or a stop word) or "length" (max_tokens or
+# the context). What an OpenAI-style `usage` and `finish_reason` are made of.
+PROMPT_TOKENS = "prompt_tokens"  # INT32
+COMPLETION_TOKENS = "completion_tokens"  # INT32
+FINISH_REASON = "finish_reason"  # BYTES
 
 ENTRY_INPUTS: dict[str, tuple[str, list[int], bool]] = {  # name -> (Triton type, dims, optional)
     TEXT_INPUT: ("TYPE_STRING", [1], False),
@@ -58,6 +64,9 @@ ENTRY_OUTPUTS: dict[str, tuple[str, list[int]]] = {
     TEXT_OUTPUT: ("TYPE_STRING", [1]),
     TRANSCRIPT: ("TYPE_STRING", [1]),
     HISTORY_DROPPED: ("TYPE_INT32", [1]),
+    PROMPT_TOKENS: ("TYPE_INT32", [1]),
+    COMPLETION_TOKENS: ("TYPE_INT32", [1]),
+    FINISH_REASON: ("TYPE_STRING", [1]),
 }
 
 # --- vision_encoder (max_batch_size > 0, dynamic batching) ----------------------------------------

@@ -163,9 +163,9 @@ class Stages(Protocol):
         """Tell the LLM to stop generating for request_id (cancellation is not passed on through BLS)."""
 
 
-# (text, transcript, history_dropped, final); (None, None, None, True) = a bare end. The transcript and the
-# count of dropped history messages ride on the first response ("" and 0 on later ones).
-Send = Callable[[str | None, str | None, int | None, bool], None]
+# (outputs by contract name, final); (None, True) = a bare end. Every response carries every output: the
+# transcript and history_dropped are filled on the first, the counts and finish_reason on the last.
+Send = Callable[[dict[str, Any] | None, bool], None]
 
 
 class Replies:
@@ -198,16 +198,19 @@ class Replies:
         else:
             self.parts.append(text)
 
-    def close(self) -> None:
-        if self.stream and self.sent:
-            self.send(None, None, None, True)
-        else:  # non-streaming, or a stream that produced nothing: one response with everything
-            self._send("".join(self.parts), final=True)
+    def close(self, finish_reason: str = "stop", prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
+        """The last response: the rest of the text (all of it without stream), the counts and why it ended."""
+        end = {c.FINISH_REASON: finish_reason, c.PROMPT_TOKENS: prompt_tokens, c.COMPLETION_TOKENS: completion_tokens}
+        self._send("" if self.stream else "".join(self.parts), final=True, end=end)
         self.closed = True
 
-    def _send(self, text: str, *, final: bool) -> None:
+    def _send(self, text: str, *, final: bool, end: dict[str, Any] | None = None) -> None:
         first = not self.sent
-        self.send(text, self.transcript if first else "", self.dropped if first else 0, final)
+        self.send({
+            c.TEXT_OUTPUT: text, c.TRANSCRIPT: self.transcript if first else "",
+            c.HISTORY_DROPPED: self.dropped if first else 0,
+            **(end or {c.FINISH_REASON: "", c.PROMPT_TOKENS: 0, c.COMPLETION_TOKENS: 0}),
+        }, final)
         self.sent = True
 
 
@@ -283,6 +286,7 @@ class Pipeline:
         deadline = started + self.settings.request_deadline_s
         chunks = stages.generate(request_id, ids, table, params, eos)
         stopped = False
+        produced = 0
         try:
             for chunk in chunks:
                 if is_cancelled():
@@ -296,11 +300,12 @@ class Pipeline:
                                        f"{self.settings.request_deadline_s:g} s (request_deadline_s)")
                 ended = eos in chunk  # an LLM that returns its end id (ours never does)
                 for token in chunk[: chunk.index(eos)] if ended else chunk:
+                    produced += 1
                     replies.piece(text.push(token))
                     if text.stopped:
                         stages.stop(request_id)
                         stopped = True
-                        replies.close()
+                        replies.close("stop", len(ids), produced)
                         return "stopped"
                 if ended:
                     break
@@ -314,7 +319,8 @@ class Pipeline:
         finally:
             chunks.close()
         replies.piece(text.finish())
-        replies.close()
+        # The LLM ends a sequence at its end token or at its token budget; only the budget stops at max_tokens.
+        replies.close("length" if produced >= params.max_tokens else "stop", len(ids), produced)
         return "done"
 
 

@@ -40,6 +40,8 @@ class TritonSink:
         self.gone = False
 
     def tokens(self, ids):
+        if self.gone:  # cancelled: the request is complete at the frontend, nothing more may be sent
+            return
         outputs = [
             pb_utils.Tensor(c.OUTPUT_IDS, np.array([[ids]], np.int32)),
             pb_utils.Tensor(c.SEQUENCE_LENGTH, np.array([[len(ids)]], np.int32)),
@@ -47,6 +49,8 @@ class TritonSink:
         self.sender.send(pb_utils.InferenceResponse(outputs))
 
     def finish(self, reason, error=None):
+        if self.gone:  # is_cancelled() was true: the backend already sent the final flag (python_backend#304)
+            return
         if error is not None:
             self.sender.send(_error_response(error), flags=FINAL)
         else:

@@ -112,14 +112,19 @@ class TritonPythonModel:
         sender = request.get_response_sender()
         state = {"final": False}
 
-        def send(text, transcript, dropped, final):
-            if text is None:
+        def send(outputs, final):
+            if outputs is None:
                 sender.send(flags=FINAL)
             else:
-                outputs = {c.TEXT_OUTPUT: c.one_bytes(text), c.TRANSCRIPT: c.one_bytes(transcript),
-                           c.HISTORY_DROPPED: np.array([dropped], np.int32)}
-                sender.send(pb_utils.InferenceResponse(_tensors(outputs)), flags=FINAL if final else 0)
+                tensors = {k: c.one_bytes(v) if isinstance(v, str) else np.array([v], np.int32) for k, v in outputs.items()}
+                sender.send(pb_utils.InferenceResponse(_tensors(tensors)), flags=FINAL if final else 0)
             state["final"] = final
+
+        def cancelled():
+            # When is_cancelled() says so, the backend has sent the final flag itself (python_backend#304):
+            # sending another one later frees the response factory twice (a segfault seen under load).
+            state["final"] = state["final"] or sender.is_cancelled()
+            return state["final"]
 
         try:
             mm.refuse_if_draining(self.drain_marker)
@@ -130,10 +135,10 @@ class TritonPythonModel:
             llm_request_id = str(random.getrandbits(62))
             outcome = self.pipeline.answer(
                 question, self.stages, mm.Replies(send, stream=question.stream),
-                request_id=llm_request_id, is_cancelled=sender.is_cancelled,
+                request_id=llm_request_id, is_cancelled=cancelled,
             )
             if outcome == "cancelled" and not state["final"]:
-                send(None, None, None, True)
+                send(None, True)
         except Exception as e:
             self._fail(sender, state, e)
 
