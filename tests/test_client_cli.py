@@ -317,3 +317,26 @@ def test_chat_ctrl_c_mid_answer_drops_the_turn_and_continues() -> None:
 def test_chat_help_and_eof() -> None:
     code, out, err = run(["chat"], FakeClient(), stdin="/help\n")
     assert code == EXIT_OK and out == "" and "/audio PATH [TEXT]" in err
+
+
+def test_chat_forgets_what_the_server_left_out_and_says_so() -> None:
+    """The server cut the two oldest messages to fit its context: the chat drops them from its own history
+    (else every later turn is cut the same way) and tells the user."""
+    import io
+
+    from mmgpt.client.cli import write_answer
+
+    class Cutting(FakeClient):
+        def stream(self, text: str = "", **kwargs: Any) -> Iterator[Piece]:
+            pieces = list(super().stream(text, **kwargs))
+            dropped = 2 if len(self.calls) == 3 else 0
+            return iter([Piece(p.text, p.transcript, dropped) for p in pieces])
+
+    session = ChatSession(Cutting())
+    for q in ("one", "two"):
+        list(session.turn(q))
+    out, err = io.StringIO(), io.StringIO()
+    write_answer(session.turn("three"), out, err, show_transcript=False)
+    assert [m.content for m in session.history] == ["two", "answer 2 to two", "three", "answer 3 to three"]
+    assert "the oldest 2 messages of the conversation were left out" in err.getvalue()
+    assert out.getvalue() == "answer 3 to three\n"
