@@ -30,6 +30,7 @@ from mmgpt.config import MMGPTConfig
 from mmgpt.generation import SamplingParams, TextStream, check_prompt
 from mmgpt.preprocess import InputError, Limits, image_pixels, pixel_values
 from mmgpt.serving import contract as c
+from mmgpt.serving.tritonserver import process_alive  # noqa: F401 (re-exported: the entry point watches the LLM's pid)
 from mmgpt.template import Message, fit_prompt, join_question, parse_history, prompt_ids
 
 # ------------------------------------------------------------------------------------------------
@@ -454,14 +455,6 @@ def failure(error: BaseException) -> tuple[str, str]:
         return "unavailable", str(error)
     return "internal", f"internal error: {type(error).__name__}: {error}"
 
-
-def process_alive(pid: int) -> bool:
-    """Is process `pid` running (not gone, not a zombie)? Model processes of one server share a user."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2 :].split()[:1] != ["Z"]
 
 
 def is_restarting(message: str) -> bool:

@@ -27,12 +27,10 @@ import argparse
 import io
 import json
 import os
-import re
 import signal
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,12 +38,12 @@ from typing import Any
 
 from mmgpt.client import ClientError, MMGPTClient
 from mmgpt.client.api import ResponseTimeout
+from mmgpt.serving.tritonserver import group_processes, metric_total
 
 RSS_GROWTH_BOUND = 1.5  # end / after warm-up: the caches fill to their bounds; anything past this is a leak
 CANCEL_FRACTION = 0.1
 BAD_FRACTION = 0.1
 CLIENT_TIMEOUT_S = 120.0  # a request with no response for this long counts as lost
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -175,25 +173,15 @@ class Runner:
 def group_rss_bytes(pgid: int) -> int:
     """Resident memory of every process in a process group (the server and its model processes)."""
     page = os.sysconf("SC_PAGE_SIZE")
-    total = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 21 and int(fields[2]) == pgid:
-            total += int(fields[21]) * page  # rss, in pages
-    return total
+    return sum(int(f[21]) * page for f in group_processes(pgid).values() if len(f) > 21)  # rss, in pages
 
 
 def metric(url: str, name: str) -> float:
     """Sum of a Prometheus family's samples on the server's /metrics."""
-    with _OPENER.open(url, timeout=10) as resp:
-        text = resp.read().decode()
-    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})?\s+(\S+)$", text, re.M))
+    total = metric_total(url, name, timeout=10)
+    if total is None:
+        raise ConnectionError(f"cannot read {url}")
+    return total
 
 
 # ------------------------------------------------------------------------------------------------

@@ -68,6 +68,42 @@ ENTRY_BUSY_DIR = "busy"
 ADMIN_HEADER = "mmgpt-admin-key"  # the header that unlocks the model-repository API of a supervised server
 
 
+def proc_stat(pid: int | str) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after the command (state, ppid, pgrp, ...; rss is [21]); None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rfind(")") + 2 :].split()  # the command may hold spaces and parentheses
+
+
+def process_alive(pid: int) -> bool:
+    """Is process `pid` running (not gone, not a zombie)?"""
+    fields = proc_stat(pid)
+    return bool(fields) and fields[0] != "Z"
+
+
+def group_processes(pgid: int) -> dict[int, list[str]]:
+    """pid -> stat fields (`proc_stat`) of every process in process group `pgid`."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        fields = proc_stat(entry.name) if entry.name.isdigit() else None
+        if fields and len(fields) > 2 and int(fields[2]) == pgid:
+            found[int(entry.name)] = fields
+    return found
+
+
+def metric_total(url: str, name: str, timeout: float = 5.0) -> float | None:
+    """Sum of a Prometheus family's samples at `url` (0 if absent); None if it cannot be read."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=timeout) as resp:
+            text = resp.read().decode()
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})?\s+(\S+)$", text, re.M))
+
+
 class TritonNotFoundError(RuntimeError):
     """A part of the Triton server installation is missing."""
 
@@ -677,7 +713,7 @@ class TritonServer:
         deadline = time.monotonic() + self.exit_timeout_s
         idle = 0
         while time.monotonic() < deadline and proc.poll() is None:
-            pending = self._metric_total("nv_inference_pending_request_count")
+            pending = metric_total(self.metrics_url, "nv_inference_pending_request_count")
             if pending is None:  # no metrics to go by: Triton's own drain is all there is
                 return
             idle = idle + 1 if pending == 0 and not self._answering() else 0
@@ -691,19 +727,9 @@ class TritonServer:
         for f in self.model_repository.glob(f"*/{ENTRY_BUSY_DIR}/*"):
             with contextlib.suppress(OSError, ValueError):
                 pid = int(f.read_text())
-                if Path(f"/proc/{pid}").exists():
+                if process_alive(pid):
                     pids.append(pid)
         return pids
-
-    def _metric_total(self, name: str) -> float | None:
-        """Sum of a metric family's samples on /metrics (0 if absent); None if /metrics cannot be read."""
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        try:
-            with opener.open(self.metrics_url, timeout=5) as resp:
-                text = resp.read().decode()
-        except (urllib.error.URLError, OSError, ValueError):
-            return None
-        return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})?\s+(\S+)$", text, re.M))
 
     # -- supervision -------------------------------------------------------------------------------
 
@@ -712,23 +738,16 @@ class TritonServer:
         found: dict[int, str] = {}
         if self._proc is None:
             return found
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
+        for pid, fields in group_processes(self._proc.pid).items():
             try:
-                stat = (entry / "stat").read_text()
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            # Fields after the command's closing parenthesis: state, ppid, pgrp, ...
-            fields = stat[stat.rfind(")") + 2 :].split()
-            if len(fields) < 3 or int(fields[2]) != self._proc.pid or fields[0] == "Z" or len(argv) < 2:
-                continue
-            if not argv[0].endswith(_STUB_NAME.encode()):
+            if fields[0] == "Z" or len(argv) < 2 or not argv[0].endswith(_STUB_NAME.encode()):
                 continue
             model_py = Path(argv[1].decode(errors="replace"))  # <repository>/<model>/<version>/model.py
             if model_py.parent.parent.parent == self.model_repository:
-                found[int(entry.name)] = model_py.parent.parent.name
+                found[pid] = model_py.parent.parent.name
         return found
 
     def reload(self, model: str, timeout: float = 300.0) -> None:
