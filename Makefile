@@ -24,8 +24,12 @@ BENCH_DIR ?= artifacts/bench
 BENCH_ARGS ?=
 SOAK_DIR ?= artifacts/soak
 SOAK_ARGS ?=
+API_HOST ?= 127.0.0.1
+API_PORT ?= 8080
+TRITON ?= 127.0.0.1:$(GRPC_PORT)
+API_ARGS ?=
 
-.PHONY: help install test lint export serve demo soak pretrain finetune eval toy toy-eval bench clean
+.PHONY: help install browser test lint export serve api chat demo soak pretrain finetune eval toy toy-eval bench clean
 
 help:
 	@echo "make install                  create .venv with everything for a CPU machine"
@@ -33,6 +37,8 @@ help:
 	@echo "make lint                     ruff"
 	@echo "make export [FROM=dir] [INT8=1|INT4=1] [KV=concat]  export vision/LLM/Whisper to ONNX into $(EXPORT_DIR), with parity checks"
 	@echo "make serve                    run tritonserver on the exported repository (127.0.0.1; GRPC_PORT/HTTP_PORT/METRICS_PORT)"
+	@echo "make api [API_PORT=8080] [GRPC_PORT=8001]  OpenAI-compatible API (+ web chat at /) in front of \`make serve\`"
+	@echo "make chat                     the same server; open http://$(API_HOST):$(API_PORT)/ for the web chat"
 	@echo "make demo                     export if needed, serve, ask about an image and a spoken question, stop"
 	@echo "make soak [SOAK_ARGS=..]      ~10 min: mixed load, then faults (killed models, overload, SIGTERM); JSON verdict"
 	@echo "make pretrain PRESET=.. CAPTIONS=.. IMAGES=.. OUT=.. [MAX_STEPS=N]   stage 1 (projector)"
@@ -48,7 +54,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed browser
+
+# The web chat's browser test drives Debian's chromium (Playwright's own browser downloads are not used).
+# Installed here where apt-get can (as root); elsewhere that one test is skipped and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  echo "installing Debian's chromium (for the web chat's browser test)" && \
+	  { apt-get install -y -q chromium >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
+	  echo "note: chromium is not installed and could not be (needs root and apt-get): the web chat's browser test will be skipped"
 
 test: install
 	$(PY) -m pytest -q
@@ -62,6 +77,11 @@ export: install
 serve: install
 	$(PY) -m mmgpt.serving.launch --export-dir $(EXPORT_DIR) --repo-dir $(REPO_DIR) --host $(HOST) \
 		--grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT)
+
+api: install
+	$(PY) -m mmgpt.client.openai_server --host $(API_HOST) --port $(API_PORT) --triton $(TRITON) $(API_ARGS)
+
+chat: api
 
 demo: install
 	$(PY) -m mmgpt.serving.demo --export-dir $(EXPORT_DIR) --repo-dir $(REPO_DIR)

@@ -41,6 +41,7 @@ __all__ = [
     "MMGPTClient",
     "Piece",
     "RequestFailed",
+    "RequestRejected",
     "ResponseTimeout",
     "Result",
     "ServerUnavailable",
@@ -82,6 +83,11 @@ class ServerUnavailable(ClientError, ConnectionError):
 
 class RequestFailed(ClientError):
     """The server rejected or failed the request; the message is the server's."""
+
+
+class RequestRejected(RequestFailed):
+    """The server refused the request's input (a corrupt image, audio over its limits, ...); the message says
+    why. Sending the same request again fails the same way."""
 
 
 class ServerBusy(RequestFailed):
@@ -376,6 +382,8 @@ class MMGPTClient:
             return RequestFailed(f"the request was cancelled: {message}")
         if any(m in message for m in BUSY_MESSAGES):
             return ServerBusy(f"the server is busy: {message}")
+        if (status is not None and "INVALID_ARGUMENT" in str(status)) or contract.INVALID_INPUT_PREFIX in message:
+            return RequestRejected(message)
         if "has no available versions" in message:  # what Triton says while it drains before exiting
             return RequestFailed(f"{message}: the server is not serving {self.model!r} now (it is shutting down, "
                                  "or the model is being loaded); ask again when `health()` says it is ready")
@@ -419,6 +427,28 @@ class MMGPTClient:
             joined = "".join(piece.text for piece in answer)
         return Result(joined, answer.transcript, answer.history_dropped, answer.finish_reason, answer.prompt_tokens,
                       answer.completion_tokens)
+
+    def transcribe(self, audio: Media, *, model: str = contract.WHISPER) -> str:
+        """What the server's Whisper hears in `audio` (encoded file bytes or a path): the `whisper` model alone,
+        no answer. Raises like `stream`."""
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        data = read_media(audio, "audio")
+        if data is None:
+            raise InvalidInput("audio is required")
+        tensor = grpcclient.InferInput(contract.AUDIO_INPUT, [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([data], dtype=np.object_))
+        client = self._connect()
+        try:
+            result = client.infer(model, [tensor], client_timeout=self.timeout)
+        except InferenceServerException as e:
+            if "Deadline Exceeded" in (e.message() or ""):
+                raise ResponseTimeout(f"no transcript from {self.url} within {self.timeout:g} s") from None
+            raise self._error(e) from None
+        finally:
+            client.close()
+        return _first(result, contract.TRANSCRIPT) or ""
 
     def _stream_inputs(self, inputs: Mapping[str, np.ndarray]) -> Iterator[Piece]:
         import tritonclient.grpc as grpcclient

@@ -11,7 +11,10 @@ rewriting, hence: PYTEST_DONT_REWRITE (its few asserts are plain checks).
 from __future__ import annotations
 
 import io
+import os
 import queue
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -206,3 +209,63 @@ def entry(triton) -> Iterator[EntryStream]:
         yield stream
     finally:
         stream.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# The OpenAI-compatible API server (`make api`) in its own process
+# ------------------------------------------------------------------------------------------------
+
+KEY = "test-key-0123"  # the API key the tests' API servers are started with (where they need one)
+
+
+@dataclass
+class API:
+    url: str  # http://127.0.0.1:port
+    proc: subprocess.Popen
+    log: str
+
+    def client(self, key: str | None = KEY):
+        import openai
+
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key or "none", max_retries=0, timeout=120)
+
+    def post(self, path: str, **kw):
+        import httpx2 as httpx
+
+        headers = {"Authorization": f"Bearer {KEY}", **kw.pop("headers", {})}
+        return httpx.post(f"{self.url}{path}", headers=headers, timeout=120, **kw)
+
+
+def start_api(tmp_path: Path, *args: str) -> API:
+    """`python -m mmgpt.client.openai_server` on a free loopback port, as `make api` runs it; ready when it
+    answers HTTP. Stop it with stop_api (in a `finally`)."""
+    import httpx2 as httpx
+
+    from mmgpt.serving.tritonserver import free_port
+
+    port = free_port()
+    log = tmp_path / f"api-{port}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "mmgpt.client.openai_server", "--port", str(port), *args],
+                                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "MMGPT_API_KEY": ""})
+    api = API(f"http://127.0.0.1:{port}", proc, str(log))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the API server exited: {log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{api.url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=2).status_code:
+                return api
+        except httpx.TransportError:
+            time.sleep(0.2)
+    stop_api(api)
+    raise RuntimeError(f"the API server did not answer within 60 s: {log.read_text()[-3000:]}")
+
+
+def stop_api(api: API) -> None:
+    api.proc.terminate()
+    try:
+        api.proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        api.proc.kill()
+        api.proc.wait()

@@ -121,7 +121,7 @@ def test_demo_asks_three_questions_with_history_and_stops(fakes: Path) -> None:
                                                                 ("assistant", "answer1 more")]
     assert spoken == {"audio": asset("demo.wav").read_bytes(), "image": image, "max_tokens": 8}
     assert "  answer:   answer1 more\n" in out and "  heard:    beep\ufffd\n" in out  # control char shown safely
-    assert "demo finished" in out
+    assert "demo finished" in out and "make api" in out and "make chat" in out  # where to go next
 
 
 @pytest.mark.parametrize("fail", [KeyboardInterrupt(), RequestFailed("boom")], ids=["ctrl-c", "server-error"])

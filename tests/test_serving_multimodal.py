@@ -585,7 +585,8 @@ def test_a_draining_server_refuses_new_requests_and_each_answer_marks_its_instan
     marker.write_text("stopping")
     with pytest.raises(ShuttingDown, match="shutting down"):
         refuse_if_draining(marker)
-    assert failure(ShuttingDown("x"))[0] == "unavailable" and failure(InputError("bad"))[0] == "invalid"
+    assert failure(ShuttingDown("x"))[0] == "unavailable"
+    assert failure(InputError("bad")) == ("invalid", "invalid input: bad")  # the client's cue for a 400
     assert failure(ValueError("boom")) == ("internal", "internal error: ValueError: boom")
     flag = tmp_path / "multimodal" / "busy" / "multimodal_0_1"
     with pytest.raises(RuntimeError), busy(flag):

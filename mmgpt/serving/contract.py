@@ -46,6 +46,9 @@ HISTORY_DROPPED = "history_dropped"
 PROMPT_TOKENS = "prompt_tokens"  # INT32
 COMPLETION_TOKENS = "completion_tokens"  # INT32
 FINISH_REASON = "finish_reason"  # BYTES
+# The entry point's error for bad input begins with this. Triton's gRPC stream carries an error's message but
+# not its status code, so this is how a client tells "your input" (HTTP 400) from a server failure.
+INVALID_INPUT_PREFIX = "invalid input: "
 
 ENTRY_INPUTS: dict[str, tuple[str, list[int], bool]] = {  # name -> (Triton type, dims, optional)
     TEXT_INPUT: ("TYPE_STRING", [1], False),

@@ -169,7 +169,9 @@ def run(export_dir: Path, repo_dir: Path, *, image: Path, audio: Path, max_token
             if main_thread:
                 signal.signal(signal.SIGINT, previous)
     print(f"demo finished in {time.monotonic() - wall:.1f} s. Next: `make serve`, then "
-          f"`mmgpt-client ask --text \"...\" --image {asset('demo.png')}` or `mmgpt-client chat`.", file=out, flush=True)
+          f"`mmgpt-client ask --text \"...\" --image {asset('demo.png')}` or `mmgpt-client chat`; or, beside "
+          "`make serve`, `make api` for the OpenAI-compatible API (/v1/chat/completions with images and audio) "
+          "and `make chat` for the web chat at http://127.0.0.1:8080/.", file=out, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

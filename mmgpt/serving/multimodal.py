@@ -450,7 +450,7 @@ def failure(error: BaseException) -> tuple[str, str]:
     "unavailable" (the server is stopping, or a model process died: asking again later can work) or
     "internal"."""
     if isinstance(error, InputError):
-        return "invalid", str(error)
+        return "invalid", c.INVALID_INPUT_PREFIX + str(error)
     if isinstance(error, (ShuttingDown, LLMGone)):
         return "unavailable", str(error)
     return "internal", f"internal error: {type(error).__name__}: {error}"
