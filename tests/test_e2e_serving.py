@@ -242,6 +242,9 @@ def test_a_cancelled_stream_stops_the_llm(triton):
     result, error = stream.events.get(timeout=30)  # the first piece
     assert error is None and result.get_response().id == request_id
     stream.close(cancel=True)  # what a client that gives up or disconnects does
+    # Counted from the close: before it the server streams ahead as fast as it generates, however slowly
+    # a busy machine lets this client read its first piece (seen: 147 of 446 tokens by then).
+    at_close = metric(triton, "mmgpt_llm_tokens_total") - tokens
     deadline = time.monotonic() + 10
     while metric(triton, "mmgpt_llm_cancelled_total") == cancelled and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -249,7 +252,7 @@ def test_a_cancelled_stream_stops_the_llm(triton):
     generated = metric(triton, "mmgpt_llm_tokens_total") - tokens
     time.sleep(0.5)
     assert metric(triton, "mmgpt_llm_tokens_total") - tokens == generated  # and nothing since
-    assert generated < full / 4, f"{generated} of {full} tokens generated despite the cancel"
+    assert generated < full and generated - at_close <= 32, f"{generated - at_close} tokens generated after the cancel"
     again = EntryStream(triton.grpc_url)
     try:
         assert again.ask("Hello?", max_tokens=4, stream=False).responses == 1  # the server carries on
