@@ -1,6 +1,7 @@
 """The encoders side by side: CLIP vision towers (+ the projector) in ONNX Runtime fp32/int8 against
 PyTorch, and Whisper base (one 30 s window, then decoding with the cache) in ONNX Runtime against
-transformers `generate()` and CTranslate2 (faster-whisper's engine) fp32 and int8, on the same weights."""
+transformers `generate()` and CTranslate2 (faster-whisper's engine) fp32 and int8, on the same weights, ours at fp32
+and int8 (`make export INT8=1`)."""
 
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def whisper(work: Path, threads: int, repeats: int) -> dict:
 
     from mmgpt.checkpoint import Components
     from mmgpt.config import MMGPTConfig
-    from mmgpt.export.whisper import export_whisper, test_audio
+    from mmgpt.export.whisper import export_whisper, quantize_whisper, test_audio
     from mmgpt.preprocess import audio_features
     from mmgpt.runtime import OrtWhisper
     from mmgpt.speech import speech_config_for, transcribe_ids
@@ -104,6 +105,14 @@ def whisper(work: Path, threads: int, repeats: int) -> dict:
         assert len(transcribe_ids(ort, feats, speech)) == WHISPER_TOKENS
 
     result["ort_fp32_rtf"] = median_seconds(run_ort, repeats) / WINDOW_S
+
+    # `make export INT8=1`'s Whisper: the same export's int8 twins (what faster-whisper's int8 is compared with)
+    ort8 = OrtWhisper(ort_dir, threads, files=quantize_whisper(ort_dir))
+
+    def run_ort8():
+        assert len(transcribe_ids(ort8, feats, speech)) == WHISPER_TOKENS
+
+    result["ort_int8_rtf"] = median_seconds(run_ort8, repeats) / WINDOW_S
 
     prompt = torch.tensor([list(speech.prompt_ids)])
     tf = torch.from_numpy(feats)

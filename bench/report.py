@@ -47,7 +47,9 @@ def roofline_ms(weight_bytes: int, kv_bytes: float, gbs: float, rows: int, conte
 
 def fractions(rd: dict, settings: dict, kv_per_token: int) -> dict:
     """Fraction of the bound of every decode figure of one round (ours, transformers, llama.cpp), against the
-    best bandwidth probed in that round."""
+    best bandwidth probed in that round. None without LLM rounds (`--sections` without llm)."""
+    if "bandwidth_gbs" not in rd:
+        return {}
     gbs = rd["bandwidth_gbs"]
     steps, contexts, batch = settings["steps"], settings["contexts"], settings["batch"]
     big = max(contexts)
@@ -125,7 +127,9 @@ def headline(results: dict) -> dict:
     for key in ("second_turn_ttft_ratio", "concurrency8_throughput_ratio", "serving_overhead", "repeat_image_encodes"):
         put(key, served.get(key))
     put("whisper_rtf_ratio", w["ort_fp32_rtf"] / w["transformers_fp32_rtf"] if w else None)
-    put("whisper_rtf_vs_ctranslate2_int8", w["ort_fp32_rtf"] / w["ctranslate2_int8_rtf"] if w else None)
+    # precision for precision: ours at int8 (`make export INT8=1`) against CTranslate2 at int8
+    ours_int8 = w.get("ort_int8_rtf", w.get("ort_fp32_rtf")) if w else None
+    put("whisper_rtf_vs_ctranslate2_int8", ours_int8 / w["ctranslate2_int8_rtf"] if w else None)
     s["targets_met"] = sorted(k for k, (ok, _) in TARGETS.items() if s.get(k) is not None and ok(s[k]))
     s["targets_missed"] = sorted(k for k, (ok, _) in TARGETS.items() if s.get(k) is not None and not ok(s[k]))
     s["not_measured"] = sorted(k for k in TARGETS if s.get(k) is None)
@@ -174,8 +178,9 @@ def table(results: dict) -> str:
     if "whisper" in results:
         w = results["whisper"]
         lines += ["", f"| Whisper base, 30 s + {w['tokens']} tokens | real-time factor |", "|---|---|"]
-        for k in ("transformers_fp32", "ort_fp32", "ctranslate2_float32", "ctranslate2_int8"):
-            lines.append(f"| {k.replace('_', ' ')} | {w[f'{k}_rtf']:.4f} |")
+        for k in ("transformers_fp32", "ort_fp32", "ort_int8", "ctranslate2_float32", "ctranslate2_int8"):
+            if f"{k}_rtf" in w:
+                lines.append(f"| {k.replace('_', ' ')} | {w[f'{k}_rtf']:.4f} |")
     if "served" in results:
         sv = results["served"]
         lines += ["", f"| served, {sv['max_tokens']} tokens an answer | TTFT s | inter-token ms | answer s | output tokens/s |",

@@ -291,11 +291,16 @@ def llm_model(engine_dir: str | Path, threads: int | None = None, onnx_file: str
 class OrtWhisper:
     """`WhisperDecoder` over optimum's encoder / decoder / decoder-with-past ONNX files."""
 
-    def __init__(self, engine_dir: str | Path, threads: int | None = None):
+    def __init__(self, engine_dir: str | Path, threads: int | None = None, files: tuple[str, str, str] | None = None):
+        """`files`: (encoder, decoder, decoder-with-past) in engine_dir; default: those the export config names
+        (the int8 ones after `make export INT8=1`), or the fp32 ones before a config is written."""
         engine_dir = Path(engine_dir)
-        self.encoder = ort_session(engine_dir / names.WHISPER_ENCODER_ONNX, threads)
-        self.decoder = ort_session(engine_dir / names.WHISPER_DECODER_ONNX, threads)
-        self.decoder_past = ort_session(engine_dir / names.WHISPER_DECODER_PAST_ONNX, threads)
+        if files is None:
+            record = read_export_config(engine_dir) if (engine_dir / names.EXPORT_CONFIG).is_file() else {}
+            files = (record.get("encoder", names.WHISPER_ENCODER_ONNX), record.get("decoder", names.WHISPER_DECODER_ONNX),
+                     record.get("decoder_with_past", names.WHISPER_DECODER_PAST_ONNX))
+        self.files = files
+        self.encoder, self.decoder, self.decoder_past = (ort_session(engine_dir / f, threads) for f in files)
         self.present_names = [o.name for o in self.decoder.get_outputs()][1:]
         self.past_inputs = [i.name for i in self.decoder_past.get_inputs() if i.name.startswith("past_key_values")]
         self.encoder_hidden = None

@@ -46,9 +46,25 @@ def test_fraction_of_bound_and_targets():
     assert s["ttft_ratio"] == pytest.approx(0.5)
     assert "decode_fraction_of_bound" in s["targets_met"] and "decode_fraction_of_bound_int8" in s["targets_missed"]
     assert "whisper_rtf_ratio" in s["not_measured"] and s["whisper_rtf_ratio"] is None
+    results["whisper"] = {"tokens": 64, "transformers_fp32_rtf": 0.1, "ort_fp32_rtf": 0.04, "ort_int8_rtf": 0.02,
+                          "ctranslate2_float32_rtf": 0.05, "ctranslate2_int8_rtf": 0.03}
+    s = headline(results)
+    assert s["whisper_rtf_ratio"] == pytest.approx(0.4)  # fp32 against transformers' fp32
+    assert s["whisper_rtf_vs_ctranslate2_int8"] == pytest.approx(0.667, abs=1e-3)  # int8 against int8
     results["summary"] = s
     text = table(results)
     assert "| decode_fraction_of_bound_int8 | 0.5 | >= 0.85 | MISSED |" in text
+
+
+def test_a_run_of_other_sections_than_the_llm_still_reports():
+    """`--sections whisper` alone (no LLM rounds): the summary says what was and was not measured."""
+    from mmgpt.bench.report import headline
+
+    results = {"settings": _results(_round({"fp32": 1.0}))["settings"], "kv_bytes_per_token": 0, "rounds": []}
+    results["whisper"] = {"tokens": 64, "transformers_fp32_rtf": 0.1, "ort_fp32_rtf": 0.04, "ctranslate2_int8_rtf": 0.05}
+    s = headline(results)
+    assert s["bandwidth_gbs"] is None and "decode_fraction_of_bound" in s["not_measured"]
+    assert s["whisper_rtf_vs_ctranslate2_int8"] == pytest.approx(0.8)  # no int8 figure: ours fp32
 
 
 def test_a_batched_step_is_bounded_by_compute_where_the_cores_are_slower_than_memory():

@@ -89,6 +89,37 @@ def test_int8_switch(tiny_checkpoint, tmp_path):
     assert np.isfinite(logits).all()
 
 
+def test_int8_switch_serves_an_int8_whisper(tiny_checkpoint, tmp_path):
+    """`make export INT8=1` writes int8 twins of Whisper's three files, names them in the config, and the runtime
+    (the served stage, `Assistant.from_export`) loads them; the fp32 files stay for comparison."""
+    import onnx
+
+    from mmgpt.export.__main__ import main
+    from mmgpt.export.whisper import test_audio
+    from mmgpt.preprocess import audio_features
+    from mmgpt.runtime import OrtWhisper
+    from mmgpt.speech import transcribe_ids
+
+    out = main(str(tiny_checkpoint), str(tmp_path / "q"), int8=True, only=("whisper",)) / names.WHISPER_DIR
+    rec = json.loads((out / names.EXPORT_CONFIG).read_text())
+    assert rec["precision"].startswith("int8")
+    assert (rec["encoder"], rec["decoder"], rec["decoder_with_past"]) == tuple(names.WHISPER_INT8_ONNX.values())
+    assert sum(p["check"].startswith("whisper int8 transcript") for p in rec["parity"]) == 2  # judged, reported
+    for fp32, int8 in names.WHISPER_INT8_ONNX.items():
+        ops = {n.op_type for n in onnx.load(str(out / int8), load_external_data=False).graph.node}
+        assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops, (int8, sorted(ops))
+        assert (out / fp32).is_file()
+    whisper = OrtWhisper(out)
+    assert whisper.files == tuple(names.WHISPER_INT8_ONNX.values())
+    from transformers import WhisperFeatureExtractor
+
+    from mmgpt.config import MMGPTConfig
+
+    speech = MMGPTConfig.load(out.parent).speech
+    feats = audio_features(test_audio(1.5), WhisperFeatureExtractor.from_pretrained(out))
+    assert len(transcribe_ids(whisper, feats, speech)) > 0
+
+
 def test_parity_failure_is_loud():
     with pytest.raises(ParityError, match="llm logits 2.000e-01 > 1e-03"):
         check([Parity("vision", 1e-7, 1e-4), Parity("llm logits", 0.2, 1e-3)])
