@@ -12,6 +12,9 @@ What OpenAI's format allows and the contract does not, decided here once:
 - Audio in an earlier turn cannot be heard again: such a turn must also carry its text (the response's
   `transcript` gives it), else the request is refused.
 - Images are accepted only as base64 `data:` URIs; a URL or a path is refused and never fetched.
+- Settings the contract has no way to honour (tools, logprobs, penalties, logit_bias, a JSON response format)
+  are refused with a 400 naming them, not silently ignored: an answer that ignored them would look like one
+  that obeyed. Fields that change nothing about the answer (`user`, `metadata`, `store`, ...) pass.
 """
 
 from __future__ import annotations
@@ -22,6 +25,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 AUDIO_FORMATS = ("wav", "flac", "ogg", "mp3")
+# parameter -> the values that mean "not asked for" (a default that clients often send explicitly)
+UNSUPPORTED = {
+    "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none", "auto"),
+    "function_call": (None, "none", "auto"),
+    "logprobs": (None, False), "top_logprobs": (None, 0),
+    "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
+    "response_format": (None, {"type": "text"}), "modalities": (None, ["text"]), "audio": (None,),
+    "prediction": (None,), "web_search_options": (None,),
+}
 
 
 class APIError(Exception):
@@ -129,6 +141,10 @@ def parse_chat_request(body: Any, *, max_image_bytes: int = 20 << 20, max_audio_
         raise bad(f"messages holds {len(messages)} messages, over the limit of {max_messages}", "messages")
     if body.get("n", 1) != 1:
         raise bad("n must be 1: one answer per request", "n")
+    for name, neutral in UNSUPPORTED.items():
+        if body.get(name) not in neutral:
+            raise bad(f"{name} is not supported by this server (the model answers in plain text, with no tools, "
+                      "log-probabilities or penalties): leave it out", name)
 
     turns: list[tuple[str, str, bool]] = []  # (role, text, had audio)
     image = audio = None

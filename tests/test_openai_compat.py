@@ -42,6 +42,14 @@ def test_text_image_audio_history_and_settings_are_translated():
     assert (plain.text, plain.image, plain.audio, plain.history, plain.sampling, plain.stream) == ("hi", None, None, (), {}, False)
 
 
+def test_neutral_values_of_unsupported_settings_pass():
+    """What clients send by default (logprobs false, penalties 0, a text response format, a user id) is fine."""
+    r = parse_chat_request({"messages": [{"role": "user", "content": "x"}], "logprobs": False, "presence_penalty": 0,
+                            "frequency_penalty": 0.0, "response_format": {"type": "text"}, "tool_choice": "none",
+                            "user": "u-1", "metadata": {"a": "b"}})
+    assert r.text == "x"
+
+
 @pytest.mark.parametrize("body, param, words", [
     ([], None, "JSON object"),
     ({"messages": []}, "messages", "non-empty"),
@@ -67,6 +75,11 @@ def test_text_image_audio_history_and_settings_are_translated():
     ({"messages": [{"role": "user", "content": "x"}], "seed": 1.5}, "seed", "an integer"),
     ({"messages": [{"role": "user", "content": "x"}], "stop": ["a", ""]}, "stop", "stop must be"),
     ({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}, "stream", "true or false"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools", "not supported"),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs", "not supported"),
+    ({"messages": [{"role": "user", "content": "x"}], "frequency_penalty": 0.5}, "frequency_penalty", "not supported"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, "response_format",
+     "not supported"),
 ])
 def test_bad_requests_are_refused_with_400_naming_the_parameter(body, param, words):
     with pytest.raises(APIError) as info:
