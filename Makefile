@@ -58,11 +58,12 @@ install: $(VENV)/.installed browser
 
 # The web chat's browser test drives Debian's chromium (Playwright's own browser downloads are not used).
 # Installed here where apt-get can (as root); elsewhere that one test is skipped and says why.
+APT := DEBIAN_FRONTEND=noninteractive timeout 900 apt-get
 browser:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 	  echo "installing Debian's chromium (for the web chat's browser test)" && \
-	  { apt-get install -y -q chromium >/dev/null 2>&1 || \
-	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
+	  { $(APT) install -y -q chromium >/dev/null 2>&1 || \
+	    { $(APT) update -q >/dev/null 2>&1 && $(APT) install -y -q chromium >/dev/null 2>&1; }; }; } || \
 	  echo "note: chromium is not installed and could not be (needs root and apt-get): the web chat's browser test will be skipped"
 
 test: install
