@@ -18,6 +18,14 @@ os.environ["MMGPT_HOME"] = os.environ["MMGPT_TEST_HOME"]
 import pytest  # noqa: E402
 
 
+def interruptible() -> None:
+    """preexec_fn for a child a test sends SIGINT: as from a terminal. Started from a shell's background job (a
+    suite run with `&`), children inherit SIGINT ignored, and Python then installs no KeyboardInterrupt handler."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint() -> Path:
     """The random tiny preset, built once per session in the temp MMGPT_HOME."""

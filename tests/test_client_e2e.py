@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from conftest import interruptible
 
 from mmgpt.client import MMGPTClient, RequestFailed
 from mmgpt.serving.demo import asset
@@ -204,7 +205,7 @@ def test_ctrl_c_on_the_command_line_returns_promptly_and_the_server_keeps_servin
     model in test_client_triton.py: here the tiny model may finish its answer before the signal lands.)"""
     for _ in range(3):
         proc = subprocess.Popen(client_cmd(server, "ask", "--text", QUESTION, "--max-tokens", str(LONG)),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
         try:
             assert proc.stdout is not None
             proc.stdout.read(1)  # an answer is streaming

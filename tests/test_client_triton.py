@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import interruptible
 
 from mmgpt.client import MMGPTClient, Piece, RequestFailed, ResponseTimeout
 from mmgpt.serving.tritonserver import TritonServer, execution_env_path, fill_template
@@ -225,7 +226,7 @@ def test_cli_ctrl_c_returns_promptly_and_cancels(server: TritonServer, cancel_di
     before = set(cancel_dir.iterdir())
     proc = subprocess.Popen(
         [sys.executable, "-m", "mmgpt.client.cli", "ask", "--url", server.grpc_url, "--text", "count 400"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible,
     )
     try:
         assert proc.stdout is not None
