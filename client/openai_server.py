@@ -33,7 +33,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -109,8 +109,8 @@ class Backends:
     def order(self) -> list[MMGPTClient]:
         with self._lock:
             start, self._next = self._next, (self._next + 1) % len(self.clients)
-        turn = self.clients[start:] + self.clients[:start]
-        return sorted(turn, key=lambda c: not self.healthy[self.clients.index(c)])
+        turn = [(start + k) % len(self.clients) for k in range(len(self.clients))]
+        return [self.clients[i] for i in sorted(turn, key=lambda i: not self.healthy[i])]
 
     def status(self) -> list[dict[str, Any]]:
         return [{"url": c.url, "ready": ok, "detail": d} for c, ok, d in zip(self.clients, self.healthy, self.detail)]
@@ -167,13 +167,16 @@ def _next(answer: AnswerStream) -> Piece | None:
     return next(answer, None)
 
 
+def sse_event(body: dict[str, Any]) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
 @dataclass
 class Opened:
     """An answer Triton has started: its stream and the first piece (None: it ended with no text at all)."""
 
     answer: AnswerStream
     first: Piece | None
-    backend: str
 
 
 def completion_id() -> str:
@@ -204,39 +207,40 @@ class Server:
             raise APIError(404, f"the model {model!r} does not exist; this server serves {self.config.model_name!r} "
                                 "(GET /v1/models)", "model", "invalid_request_error")
 
-    async def open(self, request: ChatRequest) -> Opened:
-        """Send the request to a Triton server and wait for its first piece; tries the next server while the
-        one asked cannot be reached (nothing has been generated then, so asking another is safe)."""
+    async def on_a_backend(self, attempt: Callable[[MMGPTClient], Awaitable[Any]]) -> Any:
+        """attempt(client) on the Triton servers in turn, going on to the next while the one asked cannot be
+        reached (it has done nothing then, so asking another is safe); other failures are the answer."""
         unreachable: list[str] = []
         for client in self.backends.order():
-            answer = None
             try:
-                answer = client.stream(request.text, image=request.image, audio=request.audio,
-                                       history=request.history, stream=True, **request.sampling)
-                first = await self.to_thread(_next, answer)
-                return Opened(answer, first, client.url)
+                return await attempt(client)
             except ServerUnavailable as e:
                 self.backends.mark_down(client, str(e))
                 unreachable.append(str(e))
-                if answer is not None:
-                    await self.close(answer)
             except ClientError as e:
-                if answer is not None:
-                    await self.close(answer)
                 raise api_error(e) from None
-            except BaseException:  # cancelled while waiting (the HTTP client went away): cancel on Triton too
-                if answer is not None:
-                    await self.close(answer)
-                raise
         raise APIError(503, "no Triton server could be reached: " + " | ".join(unreachable),
                        kind="service_unavailable")
 
+    async def open(self, request: ChatRequest) -> Opened:
+        """Send the request to a Triton server and wait for its first piece."""
+
+        async def attempt(client: MMGPTClient) -> Opened:
+            answer = client.stream(request.text, image=request.image, audio=request.audio, history=request.history,
+                                   stream=True, **request.sampling)
+            try:
+                return Opened(answer, await self.to_thread(_next, answer))
+            except BaseException:  # failed, or cancelled while waiting (the HTTP client went away): cancel on Triton
+                await self.close(answer)
+                raise
+
+        return await self.on_a_backend(attempt)
+
     def chunk(self, cid: str, created: int, delta: dict[str, Any], finish: str | None = None,
               **extra: Any) -> str:
-        body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.config.model_name,
-                "system_fingerprint": None,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+        return sse_event({"id": cid, "object": "chat.completion.chunk", "created": created,
+                          "model": self.config.model_name, "system_fingerprint": None,
+                          "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra})
 
     async def sse(self, request: ChatRequest, opened: Opened) -> AsyncIterator[str]:
         """OpenAI's chunk stream: the role, content deltas, the finish reason, usage if asked, `[DONE]`."""
@@ -257,12 +261,11 @@ class Server:
                 piece = await self.to_thread(_next, answer)
             yield self.chunk(cid, created, {}, answer.finish_reason or "stop")
             if request.include_usage:
-                usage = {"id": cid, "object": "chat.completion.chunk", "created": created,
-                         "model": self.config.model_name, "choices": [], "usage": usage_of(answer)}
-                yield f"data: {json.dumps(usage)}\n\n"
+                yield sse_event({"id": cid, "object": "chat.completion.chunk", "created": created,
+                                 "model": self.config.model_name, "choices": [], "usage": usage_of(answer)})
             yield "data: [DONE]\n\n"
         except ClientError as e:  # after the 200: the error is the stream's last event, never a silent end
-            yield f"data: {json.dumps(api_error(e).body(), ensure_ascii=False)}\n\n"
+            yield sse_event(api_error(e).body())
         finally:
             # Normal end, an error, or the HTTP client gone (the task is cancelled): closing a stream that has
             # not finished cancels the request on Triton.
@@ -310,17 +313,7 @@ class Server:
             raise bad("file is empty (0 bytes)", "file")
         if len(data) > self.config.max_audio_bytes:
             raise bad(f"file is {len(data):,} bytes, over the limit of {self.config.max_audio_bytes:,}", "file")
-        unreachable: list[str] = []
-        for client in self.backends.order():
-            try:
-                return await self.to_thread(client.transcribe, data), response_format
-            except ServerUnavailable as e:
-                self.backends.mark_down(client, str(e))
-                unreachable.append(str(e))
-            except ClientError as e:
-                raise api_error(e) from None
-        raise APIError(503, "no Triton server could be reached: " + " | ".join(unreachable),
-                       kind="service_unavailable")
+        return await self.on_a_backend(lambda client: self.to_thread(client.transcribe, data)), response_format
 
 
 class BearerAuth:

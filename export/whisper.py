@@ -31,11 +31,22 @@ def quantize_whisper(out_dir: Path) -> tuple[str, str, str]:
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    logging.getLogger().setLevel(logging.ERROR)  # the quantizer's advice to pre-process is for static quantization
-    for fp32, int8 in names.WHISPER_INT8_ONNX.items():
-        quantize_dynamic(str(out_dir / fp32), str(out_dir / int8), weight_type=QuantType.QInt8,
-                         op_types_to_quantize=["MatMul", "Gemm"])
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer's advice to pre-process is for static quantization
+    try:
+        for fp32, int8 in names.WHISPER_INT8_ONNX.items():
+            quantize_dynamic(str(out_dir / fp32), str(out_dir / int8), weight_type=QuantType.QInt8,
+                             op_types_to_quantize=["MatMul", "Gemm"])
+    finally:
+        root.setLevel(level)
     return tuple(names.WHISPER_INT8_ONNX.values())
+
+
+def _same_transcript(name: str, want: list[int], got: list[int], tolerance: float, note: str = "") -> Parity:
+    """0 when the token ids are identical, else 1; the detail says how far they agree."""
+    same = next((i for i, (x, y) in enumerate(zip(want, got)) if x != y), min(len(want), len(got)))
+    return Parity(name, 0.0 if want == got else 1.0, tolerance, f"{len(want)} tokens, identical prefix {same}{note}")
 
 
 def export_whisper(c: Components, out_dir: Path, source: str, *, int8: bool = False) -> list[Parity]:
@@ -66,24 +77,19 @@ def export_whisper(c: Components, out_dir: Path, source: str, *, int8: bool = Fa
         results.append(Parity(f"whisper decoder logits {seconds:g}s", max_diff(a, b), TOLERANCE))
         want = transcribe_ids(ref, feats, c.config.speech)
         got = transcribe_ids(ort, feats, c.config.speech)
-        same = next((i for i, (x, y) in enumerate(zip(want, got)) if x != y), min(len(want), len(got)))
-        results.append(Parity(f"whisper transcript {seconds:g}s", 0.0 if want == got else 1.0, 0.0,
-                              f"{len(want)} tokens, identical prefix {same}"))
+        results.append(_same_transcript(f"whisper transcript {seconds:g}s", want, got, 0.0))
     check(results)
-    files, precision = (names.WHISPER_ENCODER_ONNX, names.WHISPER_DECODER_ONNX, names.WHISPER_DECODER_PAST_ONNX), "fp32"
+    files, precision = names.WHISPER_FP32_ONNX, "fp32"
     if int8:
         # Judged and reported, not enforced (a quantized model is not meant to match fp32 bit for bit): do the
         # transcripts of real speech (the shipped question) and of the test signal stay the same?
         files, precision = quantize_whisper(out_dir), "int8 (dynamic quantization: int8 MatMul/Gemm weights)"
         quant = OrtWhisper(out_dir, files=files)
-        fp32 = OrtWhisper(out_dir, files=(names.WHISPER_ENCODER_ONNX, names.WHISPER_DECODER_ONNX,
-                                         names.WHISPER_DECODER_PAST_ONNX))
+        fp32 = OrtWhisper(out_dir, files=names.WHISPER_FP32_ONNX)
         for name, feats in _judged_audio(c):
             want, got = transcribe_ids(fp32, feats, c.config.speech), transcribe_ids(quant, feats, c.config.speech)
-            same = next((i for i, (x, y) in enumerate(zip(want, got)) if x != y), min(len(want), len(got)))
-            judged = Parity(f"whisper int8 transcript {name}", 0.0 if want == got else 1.0, float("inf"),
-                            f"{'identical' if want == got else 'DIFFERS'}: {len(want)} tokens, identical prefix {same} "
-                            "(judged, not enforced)")
+            judged = _same_transcript(f"whisper int8 transcript {name}", want, got, float("inf"),
+                                      f" ({'identical' if want == got else 'DIFFERS'}; judged, not enforced)")
             print(judged.line(), flush=True)
             results.append(judged)
     write_export_config(
@@ -98,10 +104,7 @@ def export_whisper(c: Components, out_dir: Path, source: str, *, int8: bool = Fa
 def _judged_audio(c: Components) -> list[tuple[str, np.ndarray]]:
     """The int8 judge's inputs: the spoken question shipped for the demo, and the 4 s test signal."""
     from mmgpt.preprocess import audio_features, load_audio
+    from mmgpt.serving.demo import asset
 
-    out = []
-    demo = Path(__file__).resolve().parents[1] / "mmgpt" / "assets" / "demo.wav"
-    if demo.is_file():
-        out.append(("demo.wav", audio_features(load_audio(demo.read_bytes()), c.feature_extractor)))
-    out.append(("4s signal", audio_features(test_audio(4.0), c.feature_extractor)))
-    return out
+    return [("demo.wav", audio_features(load_audio(asset("demo.wav").read_bytes()), c.feature_extractor)),
+            ("4s signal", audio_features(test_audio(4.0), c.feature_extractor))]

@@ -19,9 +19,9 @@ WHISPER_DIR = "whisper"
 WHISPER_ENCODER_ONNX = "encoder_model.onnx"
 WHISPER_DECODER_ONNX = "decoder_model.onnx"
 WHISPER_DECODER_PAST_ONNX = "decoder_with_past_model.onnx"
+WHISPER_FP32_ONNX = (WHISPER_ENCODER_ONNX, WHISPER_DECODER_ONNX, WHISPER_DECODER_PAST_ONNX)
 # `make export INT8=1`: the same three with int8 weights (dynamic quantization), served instead
-WHISPER_INT8_ONNX = {f: f.replace(".onnx", ".int8.onnx")
-                     for f in (WHISPER_ENCODER_ONNX, WHISPER_DECODER_ONNX, WHISPER_DECODER_PAST_ONNX)}
+WHISPER_INT8_ONNX = {f: f.replace(".onnx", ".int8.onnx") for f in WHISPER_FP32_ONNX}
 TOKENIZER_DIR = "tokenizer"
 TRTLLM_DIR = "trtllm"
 

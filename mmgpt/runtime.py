@@ -297,8 +297,8 @@ class OrtWhisper:
         engine_dir = Path(engine_dir)
         if files is None:
             record = read_export_config(engine_dir) if (engine_dir / names.EXPORT_CONFIG).is_file() else {}
-            files = (record.get("encoder", names.WHISPER_ENCODER_ONNX), record.get("decoder", names.WHISPER_DECODER_ONNX),
-                     record.get("decoder_with_past", names.WHISPER_DECODER_PAST_ONNX))
+            files = tuple(record.get(key, default) for key, default in
+                          zip(("encoder", "decoder", "decoder_with_past"), names.WHISPER_FP32_ONNX))
         self.files = files
         self.encoder, self.decoder, self.decoder_past = (ort_session(engine_dir / f, threads) for f in files)
         self.present_names = [o.name for o in self.decoder.get_outputs()][1:]

@@ -96,6 +96,14 @@ def triton(served_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         server.stop()
 
 
+def greedy(n: int = 16):
+    """Greedy sampling for n new tokens: what served answers are compared with `mmgpt ask`'s under (the end-to-end
+    modules ask for MAX_TOKENS = 16)."""
+    from mmgpt.generation import SamplingParams
+
+    return SamplingParams(max_tokens=n)
+
+
 @pytest.fixture(scope="session")
 def reference(tiny_checkpoint: Path):
     """`mmgpt ask`'s PyTorch pipeline on the checkpoint the export came from."""

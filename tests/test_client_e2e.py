@@ -11,6 +11,7 @@ import time
 
 import pytest
 from conftest import interruptible
+from serving_fixtures import greedy
 
 from mmgpt.client import MMGPTClient, RequestFailed
 from mmgpt.serving.demo import asset
@@ -35,12 +36,6 @@ def server(triton: TritonServer) -> TritonServer:
 @pytest.fixture
 def client(server: TritonServer) -> MMGPTClient:
     return MMGPTClient(server.grpc_url, timeout=120)
-
-
-def greedy(n: int = MAX_TOKENS):
-    from mmgpt.generation import SamplingParams
-
-    return SamplingParams(max_tokens=n)
 
 
 def run_cli(args: list[str], stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import httpx2 as httpx
 import pytest
-from serving_fixtures import API, KEY, start_api, stop_api
+from serving_fixtures import API, KEY, greedy, start_api, stop_api
 
 from mmgpt.serving.demo import asset
 from mmgpt.serving.tritonserver import TritonServer, free_port, metric_total
@@ -43,12 +43,6 @@ def api(triton: TritonServer, tmp_path_factory) -> Iterator[API]:
 @pytest.fixture(scope="module")
 def client(api: API) -> openai.OpenAI:
     return api.client()
-
-
-def greedy(n: int = MAX_TOKENS):
-    from mmgpt.generation import SamplingParams
-
-    return SamplingParams(max_tokens=n)
 
 
 def data_uri(name: str = "demo.png") -> str:

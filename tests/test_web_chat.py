@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from serving_fixtures import API, start_api, stop_api
+from serving_fixtures import API, greedy, start_api, stop_api
 
 from mmgpt.serving.demo import asset
 from mmgpt.serving.tritonserver import TritonServer, metric_total
@@ -58,12 +58,6 @@ def page(api: API):
             assert not errors, errors  # no script error on the page
         finally:
             browser.close()
-
-
-def greedy(n: int = MAX_TOKENS):
-    from mmgpt.generation import SamplingParams
-
-    return SamplingParams(max_tokens=n)
 
 
 def setting(page, name: str, value: str) -> None:
