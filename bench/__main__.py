@@ -149,15 +149,16 @@ def llm_section(cfg: BenchConfig, work: Path, results: dict) -> None:
         for ctx in cfg.contexts:
             log(f"round {r + 1}/{cfg.rounds}: decode at context {ctx}: transformers, then ours and llama.cpp by precision")
             ids = torch.from_numpy(rng.integers(2, 500, (1, ctx)))
-            hf[f"decode_ms_c{ctx}"] = L.hf_generate(llm, ids, cfg.steps + 2).ms_per_token
+            _put(hf, f"c{ctx}", L.hf_generate(llm, ids, cfg.steps + 2, probe=probe))
             for kind, lc_kind in (("fp32", "f32"), ("int8", "q8_0"), ("int4", "q4_0")):
-                rd["ours"][kind][f"decode_ms_c{ctx}"] = L.ort_decode(ours[kind], 1, ctx, cfg.steps, cfg.seed).ms_per_token
+                _put(rd["ours"][kind], f"c{ctx}", L.ort_decode(ours[kind], 1, ctx, cfg.steps, cfg.seed, probe))
                 if lc_kind in peers:
-                    t = peers[lc_kind].decode(ctx, cfg.steps, cfg.seed)
+                    t = peers[lc_kind].decode(ctx, cfg.steps, cfg.seed, probe)
                     p = rd["llamacpp"].setdefault(lc_kind, {})
-                    p[f"decode_ms_c{ctx}"], p[f"prefill_s_c{ctx}"] = t.ms_per_token, t.ttft_s
+                    _put(p, f"c{ctx}", t)
+                    p[f"prefill_s_c{ctx}"] = t.ttft_s
         for kind, m in ours.items():
-            rd["ours"][kind][f"decode_ms_b{cfg.batch}_c{big}"] = L.ort_decode(m, cfg.batch, big, cfg.steps, cfg.seed).ms_per_token
+            _put(rd["ours"][kind], f"b{cfg.batch}_c{big}", L.ort_decode(m, cfg.batch, big, cfg.steps, cfg.seed, probe))
         rd["probes"].append(probe.measure())
         rd["bandwidth_gbs"] = max(x["bandwidth_gbs"] for x in rd["probes"])
         rd["gemm_fp32_gflops"] = max(x.get("gemm_fp32_gflops", 0.0) for x in rd["probes"])
@@ -167,6 +168,12 @@ def llm_section(cfg: BenchConfig, work: Path, results: dict) -> None:
     results["rounds"] = [_with_static(rd, static) for rd in rounds]
     for engine in ("transformers", "ours", "llamacpp"):  # medians over rounds, for the table
         results[engine] = _medians([rd[engine] for rd in results["rounds"]])
+
+
+def _put(figures: dict, shape: str, t) -> None:
+    """A decode figure: its median ms/token, and each step with the bandwidth probed around it."""
+    figures[f"decode_ms_{shape}"] = t.ms_per_token
+    figures[f"steps_{shape}"] = t.steps
 
 
 def _with_static(rd: dict, static: dict) -> dict:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .llm import DecodeTiming, median_ms
+from .llm import BandwidthProbe, DecodeTiming, StepClock
 
 VERSION = "0.3.36"  # pinned in pyproject's `bench` extra
 # llama.cpp's file types for the three precisions compared with ours (fp32, int8, 4-bit)
@@ -109,17 +109,17 @@ class LlamaCpp:
         self.llm = Llama(model_path=str(path), n_ctx=max_context, n_threads=threads, n_threads_batch=threads,
                          n_batch=512, verbose=False)
 
-    def decode(self, context: int, steps: int, seed: int = 0) -> DecodeTiming:
+    def decode(self, context: int, steps: int, seed: int = 0, probe: BandwidthProbe | None = None) -> DecodeTiming:
         """Prefill `context` ids, then time `steps` single-token evaluations (llama.cpp keeps its KV cache);
-        `ttft_s` holds the prefill's seconds."""
+        `ttft_s` holds the prefill's seconds; with `probe`, the bandwidth around each step."""
         ids = [int(i) for i in np.random.default_rng(seed).integers(2, 500, context + steps + 2)]
         self.llm.reset()  # the next eval starts at position 0 and drops the old cache entries
         t = time.perf_counter()
         self.llm.eval(ids[:context])
         prefill = time.perf_counter() - t
-        times = []
+        clock = StepClock(probe)
         for tok in ids[context:]:
-            t = time.perf_counter()
+            clock.start()
             self.llm.eval([tok])
-            times.append(time.perf_counter() - t)
-        return DecodeTiming(median_ms(times[2:]), prefill)
+            clock.stop()
+        return clock.timing(prefill)

@@ -33,6 +33,7 @@ class BandwidthProbe:
         import tempfile
 
         import onnx
+        import onnxruntime as ort
         from onnx import TensorProto, helper, numpy_helper
 
         from mmgpt.runtime import ort_session
@@ -67,6 +68,15 @@ class BandwidthProbe:
         # GEMM a batched decode step is made of, at enough rows that the weight's bytes do not limit it.
         # And the same constant 1 GiB weight as the GEMV above at 8 rows (a batch-8 decode step's shape), as the
         # GB/s of weights it reads: how far the kernel is from the GEMV's rate when the rows are few.
+        # Read between decode steps (`now`): the fp32 GEMV with W as an input, the fastest kind in every run so
+        # far, in a session that does not spin-wait (its threads must not steal the cores from the next step)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        now = ort.InferenceSession(str(Path(self._tmp.name) / "ort_gemv_fp32_input.onnx"), so, providers=["CPUExecutionProvider"])
+        nw = int(gib * GIB / 4 / k)
+        now_feed = {"x": np.ones((1, k), np.float32), "w": np.full((k, nw), 0.01, np.float32)}
+        self._now = (lambda: now.run(["y"], now_feed), k * nw * 4)
         self.gemm = {}
         for name, m, kk, n in (("gemm_fp32_gflops", 64, 2560, 10240), ("gemm8_fp32_weights_gbs", 8, k, int(gib * GIB / 4 / k))):
             graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], name,
@@ -92,7 +102,21 @@ class BandwidthProbe:
             out[name] = work / min(_seconds(run) for _ in range(repeats)) / 1e9
         return out
 
+    def now(self) -> float:
+        """GB/s read right now, for the decode step just before and the one just after (best of 2).
+
+        It first waits 60 ms: ONNX Runtime's threads spin-wait for tens of milliseconds after a run, and a probe
+        read in that time shares the cores with them (measured: ~23 GB/s after 5 ms, ~35 after 50, idle 35).
+
+        This machine's bandwidth moves between two levels (e.g. ~37 and ~54 GB/s) for bursts of seconds, so
+        a bound taken once a round may come from the other level than the steps it bounds; each step is
+        instead held against the probes on either side of it (`paired_fraction`)."""
+        time.sleep(0.06)
+        run, nbytes = self._now
+        return nbytes / min(_seconds(run) for _ in range(2)) / 1e9
+
     def close(self) -> None:
+        self._now = None
         self.runs.clear()
         self.gemm.clear()
         self._tmp.cleanup()
@@ -133,10 +157,40 @@ def kv_bytes_per_token(layers: int, heads: int, head_dim: int, itemsize: int = 4
 class DecodeTiming:
     ms_per_token: float  # median over the steps
     ttft_s: float | None = None  # time to the first token, when a prompt was prefilled
+    steps: dict | None = None  # with a probe: {"ms": each timed step, "gbs": the larger probe on either side}
 
 
-def ort_decode(model, batch: int, context: int, steps: int, seed: int = 0) -> DecodeTiming:
-    """Median step time of the project's decoder, `batch` rows, starting from a `context`-token cache.
+class StepClock:
+    """Times decode steps; given a BandwidthProbe, reads the bandwidth before every step and after the last,
+    outside the timed span, so that each step has a probe on either side of it."""
+
+    def __init__(self, probe: BandwidthProbe | None = None, warmup: int = 2):
+        self.probe, self.warmup = probe, warmup
+        self.seconds: list[float] = []
+        self.gbs: list[float] = []
+
+    def start(self) -> None:
+        if self.probe is not None:
+            self.gbs.append(self.probe.now())
+        self.t = time.perf_counter()
+
+    def stop(self) -> None:
+        self.seconds.append(time.perf_counter() - self.t)
+
+    def timing(self, ttft_s: float | None = None) -> DecodeTiming:
+        if self.probe is not None and len(self.gbs) == len(self.seconds):
+            self.gbs.append(self.probe.now())
+        timed = self.seconds[self.warmup:]
+        steps = None
+        if self.probe is not None:
+            around = list(zip(self.gbs[self.warmup:], self.gbs[self.warmup + 1:]))
+            steps = {"ms": [1000 * x for x in timed], "gbs": [max(a, b) for a, b in around]}
+        return DecodeTiming(median_ms(timed) if timed else float("nan"), ttft_s, steps)
+
+
+def ort_decode(model, batch: int, context: int, steps: int, seed: int = 0, probe: BandwidthProbe | None = None) -> DecodeTiming:
+    """Median step time of the project's decoder, `batch` rows, starting from a `context`-token cache (and,
+    with `probe`, the bandwidth around each step).
 
     The cache is filled with random keys/values instead of a prefill: a step's cost depends on the cache's
     shape, not its contents, and a 1,024-token prefill per engine would double the bench's time.
@@ -145,30 +199,29 @@ def ort_decode(model, batch: int, context: int, steps: int, seed: int = 0) -> De
     shape = (batch, model.num_kv_heads, context, model.head_dim)
     past = [(0.1 * rng.standard_normal(shape)).astype(np.float32) for _ in range(2 * model.num_layers)]
     ids = rng.integers(0, model.vocab_size, (batch, 1))
+    clock = StepClock(probe)
     if getattr(model, "shared_kv", False):  # the cache written in place: filled once, rows at `context` tokens
         cache = model.new_cache()
         cache.reserve(batch, context + steps + 2)
         for a, p in zip(cache.arrays, past):
             a[:, :, :context] = p
         lengths = np.full(batch, context)
-        times = []
-        for _ in range(steps + 2):
-            t = time.perf_counter()
+        for _ in range(steps + 2):  # two warm-up steps
+            clock.start()
             logits = model.run(model.embed(ids, None), cache, 0, lengths)
             ids = logits[:, -1].argmax(-1)[:, None]
-            times.append(time.perf_counter() - t)
+            clock.stop()
             lengths = lengths + 1
-        return DecodeTiming(median_ms(times[2:]))
-    times = []
-    for i in range(steps + 2):  # two warm-up steps
+        return clock.timing()
+    for i in range(steps + 2):
         embeds = model.embed(ids, None)
         mask = np.ones((batch, context + i + 1), np.int64)
         pos = np.full((batch, 1), context + i, np.int64)
-        t = time.perf_counter()
+        clock.start()
         logits, past = model.run(embeds, mask, pos, past)
         ids = logits[:, -1].argmax(-1)[:, None]
-        times.append(time.perf_counter() - t)
-    return DecodeTiming(median_ms(times[2:]))
+        clock.stop()
+    return clock.timing()
 
 
 def ort_prefill_ttft(vision, model, pixels: np.ndarray, input_ids: np.ndarray, repeats: int) -> float:
@@ -187,29 +240,36 @@ def ort_prefill_ttft(vision, model, pixels: np.ndarray, input_ids: np.ndarray, r
 
 
 class _Clock:
-    """A transformers streamer that only notes when each new token arrives."""
+    """A transformers streamer that notes when each new token arrives (and, with a probe, reads the bandwidth
+    between tokens, outside the steps it times)."""
 
-    def __init__(self):
-        self.stamps: list[float] = []
+    def __init__(self, probe: BandwidthProbe | None = None):
+        self.steps = StepClock(probe, warmup=0)
+        self.first: float | None = None
         self.prompt_seen = False
 
     def put(self, value):
         if not self.prompt_seen:  # generate() first hands over the prompt
             self.prompt_seen = True
             return
-        self.stamps.append(time.perf_counter())
+        if self.first is None:
+            self.first = time.perf_counter()
+        else:
+            self.steps.stop()
+        self.steps.start()
 
     def end(self):
         pass
 
 
 def hf_generate(llm, input_ids: torch.Tensor | None, new_tokens: int, *, inputs_embeds: torch.Tensor | None = None,
-                before=None) -> DecodeTiming:
-    """transformers `generate()`, greedy, eager attention, its own KV cache: TTFT and median inter-token time.
+                before=None, probe: BandwidthProbe | None = None) -> DecodeTiming:
+    """transformers `generate()`, greedy, eager attention, its own KV cache: TTFT and median inter-token time
+    (and, with `probe`, the bandwidth around each step).
 
     `before` (optional) runs inside the clock first, e.g. the vision encoder for a prompt with an image.
     """
-    clock = _Clock()
+    clock = _Clock(probe)
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=clock,
               pad_token_id=llm.config.eos_token_id, use_cache=True)
     with torch.no_grad():
@@ -220,5 +280,5 @@ def hf_generate(llm, input_ids: torch.Tensor | None, new_tokens: int, *, inputs_
             llm.generate(inputs_embeds=inputs_embeds, attention_mask=torch.ones(inputs_embeds.shape[:2], dtype=torch.long), **kw)
         else:
             llm.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kw)
-    steps = np.diff(clock.stamps)
-    return DecodeTiming(1000 * float(np.median(steps)) if steps.size else float("nan"), clock.stamps[0] - t)
+    # the clock was started after the last token too: that span timed nothing
+    return clock.steps.timing(clock.first - t)

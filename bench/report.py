@@ -45,17 +45,30 @@ def roofline_ms(weight_bytes: int, kv_bytes: float, gbs: float, rows: int, conte
     return max(bound_ms(weight_bytes, kv_bytes, gbs), 1000 * flops / (gflops * 1e9))
 
 
+def paired_fraction(r: dict, shape: str, bound) -> float:
+    """A decode figure as a fraction of its bound: the median over its steps of each step's bound (`bound(gbs)`
+    at the bandwidth probed on either side of the step) over the step's time. Figures timed without probes
+    (older bench.json files) fall back to the round's best probe, `bound(None)`."""
+    steps = r.get(f"steps_{shape}")
+    if steps and steps.get("gbs"):
+        return float(np.median([bound(gbs) / ms for ms, gbs in zip(steps["ms"], steps["gbs"])]))
+    return bound(None) / r[f"decode_ms_{shape}"]
+
+
 def fractions(rd: dict, settings: dict, kv_per_token: int) -> dict:
-    """Fraction of the bound of every decode figure of one round (ours, transformers, llama.cpp), against the
-    best bandwidth probed in that round. None without LLM rounds (`--sections` without llm)."""
+    """Fraction of the bound of every decode figure of one round (ours, transformers, llama.cpp), each step
+    against the bandwidth probed right before and after it (`paired_fraction`). None without LLM rounds
+    (`--sections` without llm)."""
     if "bandwidth_gbs" not in rd:
         return {}
-    gbs = rd["bandwidth_gbs"]
     steps, contexts, batch = settings["steps"], settings["contexts"], settings["batch"]
     big = max(contexts)
 
     def kv(rows: int, context: int) -> float:
         return rows * kv_per_token * (context + steps / 2)  # the cache grows while it is timed
+
+    def bound(weight_bytes: int, kv_bytes: float):
+        return lambda gbs: bound_ms(weight_bytes, kv_bytes, gbs or rd["bandwidth_gbs"])
 
     out: dict = {}
     engines = [("ours", k, r) for k, r in rd.get("ours", {}).items()]
@@ -63,13 +76,15 @@ def fractions(rd: dict, settings: dict, kv_per_token: int) -> dict:
     engines += [("llamacpp", k, r) for k, r in rd.get("llamacpp", {}).items() if isinstance(r, dict) and "weight_bytes" in r]
     for engine, kind, r in engines:
         for ctx in contexts:
-            out[f"{engine}_{kind}_c{ctx}"] = bound_ms(r["weight_bytes"], kv(1, ctx), gbs) / r[f"decode_ms_c{ctx}"]
-        key = f"decode_ms_b{batch}_c{big}"
-        if key in r:
-            out[f"{engine}_{kind}_b{batch}_c{big}"] = bound_ms(r["weight_bytes"], kv(batch, big), gbs) / r[key]
+            out[f"{engine}_{kind}_c{ctx}"] = paired_fraction(r, f"c{ctx}", bound(r["weight_bytes"], kv(1, ctx)))
+        shape = f"b{batch}_c{big}"
+        if f"decode_ms_{shape}" in r:
+            out[f"{engine}_{kind}_{shape}"] = paired_fraction(r, shape, bound(r["weight_bytes"], kv(batch, big)))
             if kind == "fp32" and rd.get("gemm_fp32_gflops"):
-                roof = roofline_ms(r["weight_bytes"], kv(batch, big), gbs, batch, big, kv_per_token, rd["gemm_fp32_gflops"])
-                out[f"{engine}_{kind}_b{batch}_c{big}_roofline"] = roof / r[key]
+                def roof(gbs, r=r):
+                    return roofline_ms(r["weight_bytes"], kv(batch, big), gbs or rd["bandwidth_gbs"], batch, big,
+                                       kv_per_token, rd["gemm_fp32_gflops"])
+                out[f"{engine}_{kind}_{shape}_roofline"] = paired_fraction(r, shape, roof)
     return out
 
 
@@ -109,6 +124,18 @@ def median_fractions(results: dict) -> dict:
     return {k: _median([f.get(k) for f in per_round]) for k in (per_round[0] if per_round else {})}
 
 
+def step_bandwidths(rounds: list[dict]) -> list[float]:
+    """Every bandwidth probed beside a decode step, over all rounds and engines."""
+    out = []
+    for rd in rounds:
+        for engine in ("transformers", "ours", "llamacpp"):
+            figures = rd.get(engine, {})
+            for r in ([figures] if engine == "transformers" else figures.values()):
+                if isinstance(r, dict):
+                    out += [g for k, v in r.items() if k.startswith("steps_") and v for g in v["gbs"]]
+    return out
+
+
 def headline(results: dict) -> dict:
     q, w, served = results.get("quality", {}), results.get("whisper", {}), results.get("served", {})
     rounds = results.get("rounds", [])
@@ -122,6 +149,7 @@ def headline(results: dict) -> dict:
         put(key, _median([r[key] for r in per_round]))
     if s["bandwidth_gbs"] is not None:
         s["bandwidth_gbs"] = round(s["bandwidth_gbs"], 2)
+    put("bandwidth_gbs_at_steps", _median(step_bandwidths(rounds)))
     put("int8_greedy_agreement", q.get("int8_greedy_agreement"))
     put("int4_greedy_agreement", q.get("int4_greedy_agreement"))
     for key in ("second_turn_ttft_ratio", "concurrency8_throughput_ratio", "serving_overhead", "repeat_image_encodes"):
@@ -140,10 +168,12 @@ def table(results: dict) -> str:
     cfg = results["settings"]
     small, big, batch = min(cfg["contexts"]), max(cfg["contexts"]), cfg["batch"]
     gbs = results["summary"]["bandwidth_gbs"] or float("nan")
+    at_steps = results["summary"].get("bandwidth_gbs_at_steps") or float("nan")
     f = median_fractions(results)
     lines = [f"# make bench — {results['machine']['cpu']}, {cfg['threads']} threads, Phi-2 width x {cfg['layers']} layers, "
-             f"read bandwidth {gbs:.1f} GB/s (median over {len(results.get('rounds', []))} rounds of each round's best probe; "
-             "figures are medians over rounds, fractions of the bound taken within each round)", ""]
+             f"read bandwidth {gbs:.1f} GB/s (median over {len(results.get('rounds', []))} rounds of each round's best probe), "
+             f"{at_steps:.1f} GB/s beside the decode steps (median). Figures are medians over rounds; a fraction of the "
+             "bound holds each step against the bandwidth probed right before and after it", ""]
     lines.append(f"| LLM decode | weights GB | ms/token c{small} | of bound | ms/token c{big} | of bound | "
                  f"ms/step b{batch} c{big} | of bound | TTFT image+{cfg['text_tokens']} s |")
     lines.append("|---|---|---|---|---|---|---|---|---|")

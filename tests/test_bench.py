@@ -102,6 +102,53 @@ def test_kv_cache_counts_toward_the_bound():
     assert f["ours_fp32_c128"] == pytest.approx((1e9 + 128 * 1000) / 1e9)
 
 
+def test_each_step_is_held_against_the_bandwidth_probed_beside_it():
+    """The machine's bandwidth moves between levels within seconds: a step timed while it was slow is bounded
+    by the slow probe beside it, not by the round's best probe."""
+    from mmgpt.bench.report import fractions, headline
+
+    rd = _round({"fp32": 100.0, "int8": 100.0, "int4": 100.0}, gbs=20.0)  # the round's best probe: 20 GB/s
+    # three steps of 1 GB: at 10 GB/s in 100 ms (1.0), at 20 GB/s in 100 ms (0.5), at 10 GB/s in 125 ms (0.8)
+    rd["ours"]["fp32"]["steps_c128"] = {"ms": [100.0, 100.0, 125.0], "gbs": [10.0, 20.0, 10.0]}
+    results = _results(rd)
+    f = fractions(results["rounds"][0], results["settings"], 0)
+    assert f["ours_fp32_c128"] == pytest.approx(0.8)  # the median of the steps' own fractions
+    assert f["ours_int8_c128"] == pytest.approx(0.5)  # no probes beside its steps: the round's best, 50 / 100 ms
+    assert headline(results)["bandwidth_gbs_at_steps"] == pytest.approx(10.0)
+
+
+def test_the_step_clock_pairs_each_step_with_the_probes_on_either_side():
+    from mmgpt.bench.llm import StepClock
+
+    class Readings:  # stands in for the GEMV probe: bandwidths in the order they are read
+        def __init__(self, values):
+            self.values = iter(values)
+
+        def now(self):
+            return next(self.values)
+
+    clock = StepClock(Readings([5.0, 9.0, 4.0, 6.0, 3.0]), warmup=1)
+    for _ in range(4):
+        clock.start()
+        clock.stop()
+    t = clock.timing()
+    # probes 5 | step 0 (warm-up) | 9 | step 1 | 4 | step 2 | 6 | step 3 | 3 (read by timing())
+    assert t.steps["gbs"] == [9.0, 6.0, 6.0] and len(t.steps["ms"]) == 3
+
+
+def test_decode_timers_probe_the_bandwidth_beside_each_step(tiny_export):
+    from mmgpt.bench.llm import BandwidthProbe, ort_decode
+    from mmgpt.runtime import llm_model
+
+    probe = BandwidthProbe(threads=1, gib=0.01, k=256)
+    try:
+        t = ort_decode(llm_model(tiny_export / names.LLM_DIR, threads=1), batch=2, context=8, steps=3, probe=probe)
+    finally:
+        probe.close()
+    assert len(t.steps["ms"]) == len(t.steps["gbs"]) == 3
+    assert all(g > 0 for g in t.steps["gbs"]) and np.median(t.steps["ms"]) == pytest.approx(t.ms_per_token)
+
+
 def test_onnx_weight_bytes_counts_every_initializer(tmp_path):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
