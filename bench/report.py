@@ -259,4 +259,40 @@ def plots(results: dict, out: Path) -> list[Path]:
     path = out / "decode_fraction_of_bound.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return [path] + _steps_plot(results, out, plt)
+
+
+def _steps_plot(results: dict, out: Path, plt) -> list[Path]:
+    """Every timed step at the smallest context, batch 1: its speed as a fraction of its own bound against the
+    bandwidth probed beside it. Shows whether an engine keeps up when the machine's bandwidth is higher."""
+    cfg = results["settings"]
+    small = min(cfg["contexts"])
+    kv = results["kv_bytes_per_token"] * (small + cfg["steps"] / 2)
+    series: dict[str, tuple[list, list]] = {}
+    for rd in results.get("rounds", []):
+        for engine in ("ours", "llamacpp"):
+            for kind, r in rd.get(engine, {}).items():
+                steps = r.get(f"steps_c{small}") if isinstance(r, dict) else None
+                if steps and steps.get("gbs"):
+                    xs, ys = series.setdefault(f"{engine} {kind}", ([], []))
+                    xs += steps["gbs"]
+                    ys += [bound_ms(r["weight_bytes"], kv, g) / ms for ms, g in zip(steps["ms"], steps["gbs"])]
+    if not series:
+        return []
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    markers = {"fp32": "o", "f32": "o", "int8": "s", "q8_0": "s", "int4": "^", "q4_0": "^"}
+    for name, (xs, ys) in series.items():
+        engine, kind = name.split()
+        ax.scatter(xs, ys, s=14, alpha=0.6, marker=markers.get(kind, "o"),
+                   facecolors="none" if engine == "llamacpp" else None,
+                   edgecolors=None if engine == "ours" else "k", label=name)
+    ax.axhline(1.0, color="k", lw=1, ls="--")
+    ax.set_xlabel("read bandwidth probed beside the step (GB/s)")
+    ax.set_ylabel("step speed as a fraction of its bound")
+    ax.set_title(f"every decode step, batch 1, context {small}")
+    ax.legend(fontsize=8, ncol=2, loc="lower center")
+    fig.tight_layout()
+    path = out / "decode_steps_vs_bandwidth.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
     return [path]

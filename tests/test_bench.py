@@ -117,6 +117,19 @@ def test_each_step_is_held_against_the_bandwidth_probed_beside_it():
     assert headline(results)["bandwidth_gbs_at_steps"] == pytest.approx(10.0)
 
 
+def test_the_plots_show_the_fractions_and_every_probed_step(tmp_path):
+    from mmgpt.bench.report import plots
+
+    rd = _round({"fp32": 100.0, "int8": 100.0, "int4": 100.0})
+    results = _results(rd)
+    assert [p.name for p in plots(results, tmp_path)] == ["decode_fraction_of_bound.png"]  # no steps probed: one plot
+    rd["ours"]["fp32"]["steps_c128"] = {"ms": [100.0, 90.0], "gbs": [10.0, 12.0]}
+    rd["llamacpp"]["f32"]["steps_c128"] = {"ms": [150.0, 140.0], "gbs": [10.0, 11.0]}
+    paths = plots(_results(rd), tmp_path)
+    assert [p.name for p in paths] == ["decode_fraction_of_bound.png", "decode_steps_vs_bandwidth.png"]
+    assert all(p.stat().st_size > 1000 for p in paths)
+
+
 def test_the_step_clock_pairs_each_step_with_the_probes_on_either_side():
     from mmgpt.bench.llm import StepClock
 
