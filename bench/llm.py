@@ -61,22 +61,22 @@ class BandwidthProbe:
             session = ort_session(path, threads)
             feed = {"x": x} if constant else {"x": x, "w": w}
             self.runs[name] = (lambda session=session, feed=feed: session.run(["y"], feed), w.nbytes)
+            if name == "ort_gemv_fp32_input":
+                input_feed = feed
         torch.set_num_threads(threads)
         tw, tx = torch.full((k, int(gib * GIB / 4 / k)), 0.01), torch.ones((1, k))
         self.runs["torch_gemv_fp32"] = (lambda: torch.mm(tx, tw), tw.numel() * 4)
-        # Compute, not bandwidth: 64 rows through a Phi-2 MLP-sized constant weight (2560 x 10240), the fp32
-        # GEMM a batched decode step is made of, at enough rows that the weight's bytes do not limit it.
-        # And the same constant 1 GiB weight as the GEMV above at 8 rows (a batch-8 decode step's shape), as the
-        # GB/s of weights it reads: how far the kernel is from the GEMV's rate when the rows are few.
         # Read between decode steps (`now`): the fp32 GEMV with W as an input, the fastest kind in every run so
         # far, in a session that does not spin-wait (its threads must not steal the cores from the next step)
         so = ort.SessionOptions()
         so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         now = ort.InferenceSession(str(Path(self._tmp.name) / "ort_gemv_fp32_input.onnx"), so, providers=["CPUExecutionProvider"])
-        nw = int(gib * GIB / 4 / k)
-        now_feed = {"x": np.ones((1, k), np.float32), "w": np.full((k, nw), 0.01, np.float32)}
-        self._now = (lambda: now.run(["y"], now_feed), k * nw * 4)
+        self._now = (lambda: now.run(["y"], input_feed), input_feed["w"].nbytes)  # the same 1 GiB weight
+        # Compute, not bandwidth: 64 rows through a Phi-2 MLP-sized constant weight (2560 x 10240), the fp32
+        # GEMM a batched decode step is made of, at enough rows that the weight's bytes do not limit it.
+        # And the same constant 1 GiB weight as the GEMV above at 8 rows (a batch-8 decode step's shape), as the
+        # GB/s of weights it reads: how far the kernel is from the GEMV's rate when the rows are few.
         self.gemm = {}
         for name, m, kk, n in (("gemm_fp32_gflops", 64, 2560, 10240), ("gemm8_fp32_weights_gbs", 8, k, int(gib * GIB / 4 / k))):
             graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], name,
