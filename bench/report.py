@@ -45,14 +45,30 @@ def roofline_ms(weight_bytes: int, kv_bytes: float, gbs: float, rows: int, conte
     return max(bound_ms(weight_bytes, kv_bytes, gbs), 1000 * flops / (gflops * 1e9))
 
 
-def paired_fraction(r: dict, shape: str, bound) -> float:
+def engine_figures(rd: dict):
+    """(engine, kind, figures) of every decode engine timed in one round: ours by precision, transformers, llama.cpp."""
+    for kind, r in rd.get("ours", {}).items():
+        yield "ours", kind, r
+    if rd.get("transformers"):
+        yield "transformers", "fp32", rd["transformers"]
+    for kind, r in rd.get("llamacpp", {}).items():
+        if isinstance(r, dict) and "weight_bytes" in r:
+            yield "llamacpp", kind, r
+
+
+def timed_kv_bytes(settings: dict, kv_per_token: int, rows: int, context: int) -> float:
+    """The keys/values a step reads while a figure is timed: the cache grows by one token a step."""
+    return rows * kv_per_token * (context + settings["steps"] / 2)
+
+
+def paired_fraction(r: dict, shape: str, bound, round_gbs: float) -> float:
     """A decode figure as a fraction of its bound: the median over its steps of each step's bound (`bound(gbs)`
     at the bandwidth probed on either side of the step) over the step's time. Figures timed without probes
-    (older bench.json files) fall back to the round's best probe, `bound(None)`."""
+    (older bench.json files) are held against the round's best probe, `round_gbs`."""
     steps = r.get(f"steps_{shape}")
     if steps and steps.get("gbs"):
         return float(np.median([bound(gbs) / ms for ms, gbs in zip(steps["ms"], steps["gbs"])]))
-    return bound(None) / r[f"decode_ms_{shape}"]
+    return bound(round_gbs) / r[f"decode_ms_{shape}"]
 
 
 def fractions(rd: dict, settings: dict, kv_per_token: int) -> dict:
@@ -61,30 +77,25 @@ def fractions(rd: dict, settings: dict, kv_per_token: int) -> dict:
     (`--sections` without llm)."""
     if "bandwidth_gbs" not in rd:
         return {}
-    steps, contexts, batch = settings["steps"], settings["contexts"], settings["batch"]
+    contexts, batch, gbs = settings["contexts"], settings["batch"], rd["bandwidth_gbs"]
     big = max(contexts)
 
     def kv(rows: int, context: int) -> float:
-        return rows * kv_per_token * (context + steps / 2)  # the cache grows while it is timed
-
-    def bound(weight_bytes: int, kv_bytes: float):
-        return lambda gbs: bound_ms(weight_bytes, kv_bytes, gbs or rd["bandwidth_gbs"])
+        return timed_kv_bytes(settings, kv_per_token, rows, context)
 
     out: dict = {}
-    engines = [("ours", k, r) for k, r in rd.get("ours", {}).items()]
-    engines += [("transformers", "fp32", rd["transformers"])] if rd.get("transformers") else []
-    engines += [("llamacpp", k, r) for k, r in rd.get("llamacpp", {}).items() if isinstance(r, dict) and "weight_bytes" in r]
-    for engine, kind, r in engines:
+    for engine, kind, r in engine_figures(rd):
         for ctx in contexts:
-            out[f"{engine}_{kind}_c{ctx}"] = paired_fraction(r, f"c{ctx}", bound(r["weight_bytes"], kv(1, ctx)))
+            out[f"{engine}_{kind}_c{ctx}"] = paired_fraction(
+                r, f"c{ctx}", lambda g, r=r, ctx=ctx: bound_ms(r["weight_bytes"], kv(1, ctx), g), gbs)
         shape = f"b{batch}_c{big}"
         if f"decode_ms_{shape}" in r:
-            out[f"{engine}_{kind}_{shape}"] = paired_fraction(r, shape, bound(r["weight_bytes"], kv(batch, big)))
+            out[f"{engine}_{kind}_{shape}"] = paired_fraction(
+                r, shape, lambda g, r=r: bound_ms(r["weight_bytes"], kv(batch, big), g), gbs)
             if kind == "fp32" and rd.get("gemm_fp32_gflops"):
-                def roof(gbs, r=r):
-                    return roofline_ms(r["weight_bytes"], kv(batch, big), gbs or rd["bandwidth_gbs"], batch, big,
-                                       kv_per_token, rd["gemm_fp32_gflops"])
-                out[f"{engine}_{kind}_{shape}_roofline"] = paired_fraction(r, shape, roof)
+                def roof(g, r=r):
+                    return roofline_ms(r["weight_bytes"], kv(batch, big), g, batch, big, kv_per_token, rd["gemm_fp32_gflops"])
+                out[f"{engine}_{kind}_{shape}_roofline"] = paired_fraction(r, shape, roof, gbs)
     return out
 
 
@@ -126,14 +137,8 @@ def median_fractions(results: dict) -> dict:
 
 def step_bandwidths(rounds: list[dict]) -> list[float]:
     """Every bandwidth probed beside a decode step, over all rounds and engines."""
-    out = []
-    for rd in rounds:
-        for engine in ("transformers", "ours", "llamacpp"):
-            figures = rd.get(engine, {})
-            for r in ([figures] if engine == "transformers" else figures.values()):
-                if isinstance(r, dict):
-                    out += [g for k, v in r.items() if k.startswith("steps_") and v for g in v["gbs"]]
-    return out
+    return [g for rd in rounds for _, _, r in engine_figures(rd)
+            for k, v in r.items() if k.startswith("steps_") and v for g in v["gbs"]]
 
 
 def headline(results: dict) -> dict:
@@ -267,16 +272,15 @@ def _steps_plot(results: dict, out: Path, plt) -> list[Path]:
     bandwidth probed beside it. Shows whether an engine keeps up when the machine's bandwidth is higher."""
     cfg = results["settings"]
     small = min(cfg["contexts"])
-    kv = results["kv_bytes_per_token"] * (small + cfg["steps"] / 2)
+    kv = timed_kv_bytes(cfg, results["kv_bytes_per_token"], 1, small)
     series: dict[str, tuple[list, list]] = {}
     for rd in results.get("rounds", []):
-        for engine in ("ours", "llamacpp"):
-            for kind, r in rd.get(engine, {}).items():
-                steps = r.get(f"steps_c{small}") if isinstance(r, dict) else None
-                if steps and steps.get("gbs"):
-                    xs, ys = series.setdefault(f"{engine} {kind}", ([], []))
-                    xs += steps["gbs"]
-                    ys += [bound_ms(r["weight_bytes"], kv, g) / ms for ms, g in zip(steps["ms"], steps["gbs"])]
+        for engine, kind, r in engine_figures(rd):
+            steps = r.get(f"steps_c{small}")
+            if engine != "transformers" and steps and steps.get("gbs"):
+                xs, ys = series.setdefault(f"{engine} {kind}", ([], []))
+                xs += steps["gbs"]
+                ys += [bound_ms(r["weight_bytes"], kv, g) / ms for ms, g in zip(steps["ms"], steps["gbs"])]
     if not series:
         return []
     fig, ax = plt.subplots(figsize=(8, 4.5))
