@@ -102,9 +102,10 @@ def ask_timed(client, text: str, image: bytes, max_tokens: int, history=()) -> T
         return _timed(t, (piece.text for piece in answer))
 
 
-def load(url: str, clients: int, per_client: int, max_tokens: int) -> tuple[list[Timing], float]:
+def load(url: str, clients: int, per_client: int, max_tokens: int, run: int = 0) -> tuple[list[Timing], float]:
     """`clients` streaming clients at once, each asking `per_client` questions in a row, each about a picture
-    of its own (no cache may answer one request from another) -> timings and wall seconds."""
+    of its own (no cache may answer one request from another, nor one run from another: `run` numbers
+    them) -> timings and wall seconds."""
     from mmgpt.client import MMGPTClient
 
     timings: list[Timing] = []
@@ -115,7 +116,7 @@ def load(url: str, clients: int, per_client: int, max_tokens: int) -> tuple[list
         client = MMGPTClient(url, timeout=600)
         for j in range(per_client):
             try:
-                t = ask_timed(client, QUESTION, picture(1000 * clients + 10 * k + j), max_tokens)
+                t = ask_timed(client, QUESTION, picture(100_000 * run + 1000 * clients + 10 * k + j), max_tokens)
             except Exception as e:  # counted and raised below: a failed request must not vanish from the figures
                 with lock:
                     errors.append(f"{type(e).__name__}: {e}")
@@ -181,10 +182,14 @@ def served(work: Path, threads: int, concurrencies: tuple[int, ...], max_tokens:
         bot = in_process_assistant(export, threads)
         ask_in_process(bot, QUESTION, image, max_tokens)  # warm-up
         pairs = []
-        for j in range(repeats):
+        for j in range(2 * repeats):  # in alternating order: a level change favours neither side
             picture_j = picture(700 + j)  # new to both: the server's image cache cannot help it
-            mine = ask_in_process(bot, QUESTION, picture_j, max_tokens)
-            theirs = ask_timed(client, QUESTION, picture_j, max_tokens)
+            if j % 2 == 0:
+                mine = ask_in_process(bot, QUESTION, picture_j, max_tokens)
+                theirs = ask_timed(client, QUESTION, picture_j, max_tokens)
+            else:
+                theirs = ask_timed(client, QUESTION, picture_j, max_tokens)
+                mine = ask_in_process(bot, QUESTION, picture_j, max_tokens)
             pairs.append((mine, theirs))
         del bot
         result["in_process"] = {"ttft_s": statistics.median(m.ttft_s for m, _ in pairs),
@@ -193,15 +198,26 @@ def served(work: Path, threads: int, concurrencies: tuple[int, ...], max_tokens:
                                   "latency_s": statistics.median(t.latency_s for _, t in pairs)}
         result["serving_overhead"] = statistics.median(t.latency_s / m.latency_s for m, t in pairs)
 
-        for n in concurrencies:
+        # The first concurrency is timed again after the others, and its figures pool both runs: this machine's
+        # bandwidth moves between two levels for seconds at a time, and one stream's decode follows it closely
+        # (its steps read the weights) while 8 streams' follow it much less (their steps are half multiply-adds,
+        # their prefills all), so a baseline taken once can fall on the other level than the runs it divides.
+        runs: dict[int, dict] = {}
+        for n in (*concurrencies, concurrencies[0]) if len(concurrencies) > 1 else concurrencies:
             log(f"served: concurrency {n}")
             before = tokens()
-            timings, wall = load(server.grpc_url, n, max(repeats, 2), max_tokens)
-            produced = tokens() - before
+            run = runs.setdefault(n, {"timings": [], "tokens": 0.0, "wall_s": 0.0, "runs": 0})
+            timings, wall = load(server.grpc_url, n, max(repeats, 2), max_tokens, run=run["runs"])
+            run["timings"] += timings
+            run["tokens"] += tokens() - before
+            run["wall_s"] += wall
+            run["runs"] += 1
+        for n, run in runs.items():
+            timings, produced = run["timings"], run["tokens"]
             per_request = produced / len(timings)
             result[f"c{n}"] = {
-                "requests": len(timings), "tokens": produced, "wall_s": wall,
-                "output_tokens_per_s": produced / wall,
+                "requests": len(timings), "tokens": produced, "wall_s": run["wall_s"], "runs": run["runs"],
+                "output_tokens_per_s": produced / run["wall_s"],
                 "ttft_s": statistics.median(t.ttft_s for t in timings),
                 "latency_s": statistics.median(t.latency_s for t in timings),
                 "inter_token_ms": 1000 * statistics.median((t.latency_s - t.ttft_s) / max(per_request - 1, 1) for t in timings),

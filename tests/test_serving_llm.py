@@ -21,6 +21,8 @@ from mmgpt.serving.llm import (
     InflightBatcher,
     ListSink,
     LLMError,
+    Outbox,
+    QueuedSink,
     StopRequest,
     request_tensors,
     response_tokens,
@@ -337,6 +339,133 @@ def test_background_thread_serves_concurrent_submitters(stage, tokenizer):
             assert s.ids == alone(stage, r)
     finally:
         b.shutdown()
+
+
+# ------------------------------------------------------------------------------------------------
+# Sending off the batcher's thread (what the served `llm` does: each send is a round trip to the server)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_outbox_runs_jobs_in_order_on_its_own_thread_and_close_drains_it():
+    outbox = Outbox(max_pending=100)
+    seen, gate = [], threading.Event()
+    outbox.put(lambda: gate.wait(5))  # later jobs queue up behind a slow send
+    for i in range(50):
+        outbox.put(lambda i=i: seen.append((i, threading.current_thread().name)))
+    outbox.put(lambda: 1 / 0)  # a failing job is logged, the ones after it still run
+    outbox.put(lambda: seen.append(("after", threading.current_thread().name)))
+    assert seen == []  # put() returned at once: nothing ran on the caller's thread
+    gate.set()
+    assert outbox.close(timeout=10)
+    assert [i for i, _ in seen] == [*range(50), "after"]
+    assert {name for _, name in seen} == {"outbox"}
+    outbox.put(lambda: seen.append(("closed", threading.current_thread().name)))  # run here, not lost
+    assert seen[-1] == ("closed", threading.current_thread().name)
+
+
+def test_outbox_holds_back_a_producer_that_runs_ahead_and_keeps_only_the_latest_keyed_job():
+    outbox = Outbox(max_pending=2)
+    gate, seen, put_all = threading.Event(), [], threading.Event()
+    outbox.put(gate.wait)
+
+    def producer():
+        for i in range(5):
+            outbox.put(lambda i=i: seen.append(i))
+        put_all.set()
+
+    threading.Thread(target=producer, daemon=True).start()
+    assert not put_all.wait(0.3)  # two jobs wait; the third put blocks until the outbox makes room
+    gate.set()
+    assert put_all.wait(5)
+    gate.clear()
+    outbox.put(gate.wait)
+    for i in range(3):  # keyed: the ones that have not run yet are replaced by the newest
+        outbox.put(lambda i=i: seen.append(f"metrics {i}"), key="metrics")
+    gate.set()
+    assert outbox.close(timeout=10)
+    assert seen == [0, 1, 2, 3, 4, "metrics 2"]
+
+
+class SlowSink(ListSink):
+    """A sink whose sends take a while (a busy server) or fail (a client gone)."""
+
+    def __init__(self, delay: float = 0.0, fail_after: int | None = None, gate: threading.Event | None = None):
+        super().__init__()
+        self.delay, self.fail_after, self.gate = delay, fail_after, gate
+        self.threads: set[str] = set()
+
+    def tokens(self, ids):
+        self.threads.add(threading.current_thread().name)
+        time.sleep(self.delay)
+        if self.gate is not None:
+            assert self.gate.wait(10)
+        if self.fail_after is not None and len(self.ids) >= self.fail_after:
+            raise ConnectionError("the client is gone")
+        super().tokens(ids)
+
+
+def caught_up(outbox: Outbox) -> None:
+    """Wait until the outbox has run everything queued so far."""
+    done = threading.Event()
+    outbox.put(done.set)
+    assert done.wait(10)
+
+
+def test_queued_sinks_get_every_token_in_order_while_the_batcher_runs_ahead(stage, tokenizer):
+    requests = make_requests(stage, tokenizer, 3)
+    b, outbox = batcher(stage), Outbox()
+    inner = [SlowSink(delay=0.005) for _ in requests]  # sends slower than the tiny model's steps
+    for r, s in zip(requests, inner):
+        b.submit(r, QueuedSink(s, outbox))
+    b.run_until_idle()
+    assert any(s.reason is None for s in inner)  # the batcher finished before the sends did
+    assert outbox.close(timeout=30)
+    for r, s in zip(requests, inner):
+        assert s.ids == alone(stage, r) and s.reason in ("end", "length")  # whole, in order, finished once
+        assert s.threads == {"outbox"}  # sent from the outbox, not from the batcher's thread
+
+
+def test_the_batcher_runs_at_most_two_tokens_ahead_of_a_clients_sends(stage, tokenizer):
+    [r] = make_requests(stage, tokenizer, 1)
+    b, outbox, gate = batcher(stage), Outbox(), threading.Event()
+    sink = SlowSink(gate=gate)  # a send that does not return until the gate opens (a stuck client)
+    b.submit(r, QueuedSink(sink, outbox))
+    worker = threading.Thread(target=b.run_until_idle, daemon=True)
+    worker.start()
+    time.sleep(0.5)
+    assert b.stats.tokens == 3  # one being sent, one queued, and the batcher waits for room to hand over the third
+    gate.set()
+    worker.join(30)
+    assert outbox.close(timeout=10)
+    assert sink.ids == alone(stage, r) and sink.reason in ("end", "length")
+
+
+def test_a_failed_send_stops_that_row_alone(stage, tokenizer):
+    requests = make_requests(stage, tokenizer, 2)
+    b, outbox = batcher(stage), Outbox()
+    inner = [SlowSink(fail_after=3), SlowSink()]
+    for r, s in zip(requests, inner):
+        b.submit(r, QueuedSink(s, outbox))
+    while b.step():
+        caught_up(outbox)
+    assert outbox.close(timeout=10)
+    assert inner[0].ids == alone(stage, requests[0])[:3] and inner[0].reason == "cancelled"
+    assert inner[1].ids == alone(stage, requests[1]) and inner[1].reason in ("end", "length")
+    assert b.stats.cancelled == 1
+
+
+def test_a_queued_sink_reports_the_clients_cancellation(stage, tokenizer):
+    [r] = make_requests(stage, tokenizer, 1)
+    b, outbox = batcher(stage), Outbox()
+    sink = ListSink()
+    b.submit(r, QueuedSink(sink, outbox))
+    for _ in range(3):
+        b.step()
+    sink.cancel = True
+    while b.step():  # the check runs on the outbox; the row stops at the iteration after it ran
+        caught_up(outbox)
+    assert outbox.close(timeout=10)
+    assert sink.reason == "cancelled" and 3 <= len(sink.ids) <= 5 < len(alone(stage, r))
 
 
 # ------------------------------------------------------------------------------------------------
