@@ -4,7 +4,6 @@
 streams tokens back through each request's response sender.
 """
 
-import copy
 import json
 import os
 import time
@@ -19,7 +18,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from mmgpt.preprocess import InputError  # noqa: E402
 from mmgpt.serving import contract as c  # noqa: E402
-from mmgpt.serving.llm import Outbox, QueuedSink, StopRequest  # noqa: E402
+from mmgpt.serving.llm import StopRequest  # noqa: E402
 from mmgpt.serving.multimodal import write_pid  # noqa: E402
 from mmgpt.serving.stages import LLMStage  # noqa: E402
 
@@ -118,19 +117,13 @@ class TritonPythonModel:
         self.stage = LLMStage(params["export_dir"], int(params["ort_threads"]))
         self.metrics = Metrics(args["model_name"])
         self.metrics.budget.set(int(params["kv_budget_mb"]) * 2**20)
-        # Sends, cancellation checks and metrics are round trips to the server: off the batcher's thread
-        self.outbox = Outbox("llm-responses", max_pending=4 * int(params["max_inflight"]))
         self.batcher = self.stage.batcher(
-            int(params["max_inflight"]), on_iteration=self._on_iteration,
+            int(params["max_inflight"]), on_iteration=lambda stats: self.metrics.update(stats, self.batcher.active()),
             prefix_cache_bytes=int(params["prefix_cache_mb"]) * 2**20,
             prefill_chunk=int(params["prefill_chunk_tokens"]), kv_budget_bytes=int(params["kv_budget_mb"]) * 2**20,
             queue_timeout_s=float(params["queue_timeout_s"]), max_queue=int(params["max_queue"]),
         ).start()
         write_pid(Path(args["model_repository"]) / c.LLM_PID_FILE)
-
-    def _on_iteration(self, stats):
-        stats, active = copy.copy(stats), self.batcher.active()  # as they are now, not when the job runs
-        self.outbox.put(lambda: self.metrics.update(stats, active), key="metrics")
 
     def execute(self, requests):
         for request in requests:
@@ -148,10 +141,9 @@ class TritonPythonModel:
                 self.batcher.stop(parsed.request_id)
                 sender.send(flags=FINAL)
                 continue
-            self.batcher.submit(parsed, QueuedSink(TritonSink(sender), self.outbox))
+            self.batcher.submit(parsed, TritonSink(sender))
         return None
 
     def finalize(self):
         self.batcher.shutdown()
-        self.outbox.close()  # the last responses (errors for unfinished answers) before the process ends
         self.metrics.close()
