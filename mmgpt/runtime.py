@@ -24,7 +24,19 @@ def ort_session(path: str | Path, threads: int | None = None, providers: list[st
         opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-    return ort.InferenceSession(str(path), opts, providers=providers)
+    from mmgpt import ortops
+
+    try:
+        ortops.register(opts)  # the int8 decoder's MatMulInt8; other graphs do not use it
+        unbuilt = None
+    except RuntimeError as e:
+        unbuilt = e
+    try:
+        return ort.InferenceSession(str(path), opts, providers=providers)
+    except Exception as e:
+        if unbuilt is not None and ortops.DOMAIN in str(e):
+            raise RuntimeError(f"{path} uses mmgpt's own int8 operator, which could not be built: {unbuilt}") from e
+        raise
 
 
 def read_export_config(engine_dir: str | Path) -> dict:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from mmgpt import names
@@ -83,6 +84,10 @@ def test_int8_switch(tiny_checkpoint, tmp_path):
     assert any(p["check"].startswith("int8 ") for p in rec["parity"])
     fp32 = (out / names.LLM_DIR / names.LLM_ONNX).stat().st_size
     assert (out / names.LLM_DIR / names.LLM_INT8_ONNX).stat().st_size < fp32
+    graph = onnx.load(str(out / names.LLM_DIR / names.LLM_INT8_ONNX)).graph
+    weights = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2}
+    assert any(n.op_type == "MatMulInt8" for n in graph.node)  # mmgpt's operator (a C compiler is here)
+    assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]  # none left in fp32
     model = llm_model(out / names.LLM_DIR)
     assert isinstance(model, OrtSharedKVModel)  # the default layout
     logits = model.decoder().prefill(np.array([1, 2, 3]), None)

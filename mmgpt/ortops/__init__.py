@@ -1,0 +1,95 @@
+"""ONNX Runtime custom operators of this project, compiled on first use (a C compiler is all they need).
+
+The LLM decoder's matrix products (matmul.c), weights packed in the order their AVX512 kernels stream them:
+`mmgpt.MatMulPacked` (fp32, `pack_f32`) and `mmgpt.MatMulInt8` (int8 weights per output column, activations
+quantized per row, `pack_int8`). `register` adds them to an ONNX Runtime `SessionOptions`; CPUs without
+AVX512 run plain C loops (correct, slow).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+DOMAIN = "mmgpt"
+SOURCE = Path(__file__).with_name("matmul.c")
+CFLAGS = ("-O3", "-shared", "-fPIC", "-fvisibility=hidden", "-std=gnu11")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mmgpt" / "ortops"
+
+
+@lru_cache(maxsize=1)
+def library() -> Path:
+    """The compiled operators' shared library, built once per source version (atomically, so Triton's
+    processes can race to it)."""
+    text = SOURCE.read_bytes()
+    tag = hashlib.sha1(text + " ".join(CFLAGS).encode()).hexdigest()[:12]
+    out = cache_dir() / f"libmmgpt_ortops-{tag}.so"
+    if out.is_file():
+        return out
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise RuntimeError("mmgpt's int8 operator needs a C compiler to build it once: install gcc "
+                           "(apt install gcc), or export without --int8")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        built = Path(tmp) / out.name
+        r = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"building {SOURCE.name} with {cc} failed:\n{r.stderr.strip()}")
+        os.replace(built, out)
+    return out
+
+
+def available() -> bool:
+    try:
+        library()
+        return True
+    except RuntimeError:
+        return False
+
+
+def register(opts) -> None:
+    """Add this project's operators to an onnxruntime.SessionOptions."""
+    opts.register_custom_ops_library(str(library()))
+
+
+def pack_f32(w: np.ndarray) -> np.ndarray:
+    """(K, N) float weights, N a multiple of 16 -> (N/16, K, 16) for MatMulPacked: W[k, n] at [n // 16, k, n % 16],
+    so one block of 16 columns is one sequential stream."""
+    k, n = w.shape
+    if n % 16:
+        raise ValueError(f"MatMulPacked needs a multiple of 16 columns, got {n}")
+    return np.ascontiguousarray(np.asarray(w, np.float32).reshape(k, n // 16, 16).transpose(1, 0, 2))
+
+
+def unpack_f32(packed: np.ndarray) -> np.ndarray:
+    """pack_f32's inverse: (N/16, K, 16) -> (K, N)."""
+    nb, k, _ = packed.shape
+    return np.ascontiguousarray(packed.transpose(1, 0, 2).reshape(k, nb * 16))
+
+
+def pack_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(K, N) float weights -> (packed int8 (N16/16, K4/4, 16, 4), scale (N,), colsum (N,)) for MatMulInt8.
+
+    Symmetric per output column (W ~ scale * Wq, |Wq| <= 127); packed so that one block of 16 columns is
+    one sequential stream: W[k, n] sits at [n // 16, k // 4, n % 16, k % 4], zero padded."""
+    w = np.asarray(w, np.float32)
+    k, n = w.shape
+    scale = np.abs(w).max(axis=0) / 127.0
+    scale[scale == 0] = 1.0
+    q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+    k4, n16 = -(-k // 4) * 4, -(-n // 16) * 16
+    padded = np.zeros((k4, n16), np.int8)
+    padded[:k, :n] = q
+    packed = np.ascontiguousarray(padded.reshape(k4 // 4, 4, n16 // 16, 16).transpose(2, 0, 3, 1))
+    return packed, scale.astype(np.float32), q.sum(axis=0, dtype=np.int32)

@@ -1,0 +1,425 @@
+/* The LLM decoder's matrix products Y = A @ W as ONNX Runtime custom operators (domain "mmgpt"), for a float
+   A (..., K) and constant weights stored in the order the kernels read them: one sequential stream per block
+   of 16 output columns.
+
+   Why: a decode step is a product of 1-8 rows with every weight, so its speed is the rate the weights stream
+   from memory. On a 2-core AVX512 machine ONNX Runtime's int8 kernels (MatMulInteger, 8-bit MatMulNBits)
+   stream weights at ~0.8 of its fp32 GEMV's rate, and its fp32 GEMM at 8 rows at ~0.75; these kernels keep
+   the stream going (sequential blocks, software prefetch) while the multiply-adds run.
+
+   MatMulPacked (fp32): inputs A float (..., K); W float (N / 16, K, 16): W[k, n] at [n / 16, k, n % 16], N a
+   multiple of 16. Output Y float (..., N).
+
+   MatMulInt8 inputs (the export writes 1-3 as initializers, see export/llm.py `pack_int8`):
+     0  A       float  (..., K)
+     1  W       int8   (N16 / 16, K4 / 4, 16, 4): W[k, n] at [n / 16, k / 4, n % 16, k % 4], zero padded to
+                       N16 = 16 * ceil(N / 16) columns and K4 = 4 * ceil(K / 4) rows
+     2  scale   float  (N,)  per output column: W[k, n] ~ scale[n] * Wq[k, n] (symmetric, |Wq| <= 127)
+     3  colsum  int32  (N,)  sum over k of Wq[k, n] (for the activations' zero point)
+   Output:
+     0  Y       float  (..., N)
+   Each row of A is quantized on the fly to uint8 with its own scale and zero point (ONNX Runtime's
+   DynamicQuantizeLinear uses one pair per call), so Y = sa * scale[n] * (sum_k Aq[k] Wq[k, n] - za * colsum[n]).
+
+   Only ONNX Runtime's stable C ABI is used: the OrtApi function table is append-only, so the few entries this
+   file calls are addressed by their index in it (the numbers below, from ONNX Runtime's public C API), and
+   OrtCustomOp is declared field by field. The work is split over ONNX Runtime's own intra-op threads
+   (KernelContext_ParallelFor), so no second thread pool competes with them for the cores. */
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#include <limits.h>
+#include <immintrin.h>
+
+typedef struct OrtStatus OrtStatus;
+typedef struct OrtKernelInfo OrtKernelInfo;
+typedef struct OrtKernelContext OrtKernelContext;
+typedef struct OrtValue OrtValue;
+typedef struct OrtTensorTypeAndShapeInfo OrtShape;
+typedef struct OrtCustomOpDomain OrtCustomOpDomain;
+typedef struct OrtSessionOptions OrtSessionOptions;
+typedef void (*Fn)(void);
+
+typedef struct { const Fn *(*GetApi)(uint32_t version); const char *(*GetVersionString)(void); } OrtApiBase;
+
+/* entries of the OrtApi table (0-based) */
+enum {
+    API_CreateStatus = 0,
+    API_CreateCustomOpDomain = 26, API_CustomOpDomain_Add = 27, API_AddCustomOpDomain = 28,
+    API_GetTensorMutableData = 51,
+    API_GetDimensionsCount = 61, API_GetDimensions = 62, API_GetTensorTypeAndShape = 65,
+    API_KernelContext_GetInput = 90, API_KernelContext_GetOutput = 91,
+    API_ReleaseTensorTypeAndShapeInfo = 99,
+    API_KernelContext_ParallelFor = 274,
+};
+#define API_VERSION 17 /* ONNX Runtime 1.17 or later: the table up to KernelContext_ParallelFor */
+#ifndef PF
+#define PF 4096 /* bytes ahead of the weight stream to prefetch (measured: 2-4 KB beat none) */
+#endif
+#ifndef HINT
+#define HINT _MM_HINT_T0
+#endif
+#ifndef NBATCH
+#define NBATCH 8 /* contiguous ranges of column blocks, shared out among ONNX Runtime's threads (no API tells a kernel how many there are) */
+#endif
+enum { ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 };
+enum { T_FLOAT = 1, T_INT8 = 3, T_INT32 = 6 };
+#define AVX512 __attribute__((target("avx512f")))
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
+static int have_avx512, have_vnni; /* read when a session registers the operators */
+
+static const Fn *api;
+#define CALL(idx, type) ((type)api[idx])
+static OrtStatus *status(int code, const char *msg) { return CALL(API_CreateStatus, OrtStatus *(*)(int, const char *))(code, msg); }
+
+typedef struct OrtCustomOp {
+    uint32_t version;
+    void *(*CreateKernel)(const struct OrtCustomOp *, const Fn *, const OrtKernelInfo *);
+    const char *(*GetName)(const struct OrtCustomOp *);
+    const char *(*GetExecutionProviderType)(const struct OrtCustomOp *);
+    int (*GetInputType)(const struct OrtCustomOp *, size_t);
+    size_t (*GetInputTypeCount)(const struct OrtCustomOp *);
+    int (*GetOutputType)(const struct OrtCustomOp *, size_t);
+    size_t (*GetOutputTypeCount)(const struct OrtCustomOp *);
+    void (*KernelCompute)(void *, OrtKernelContext *);
+    void (*KernelDestroy)(void *);
+    int (*GetInputCharacteristic)(const struct OrtCustomOp *, size_t);
+    int (*GetOutputCharacteristic)(const struct OrtCustomOp *, size_t);
+    int (*GetInputMemoryType)(const struct OrtCustomOp *, size_t);
+    int (*GetVariadicInputMinArity)(const struct OrtCustomOp *);
+    int (*GetVariadicInputHomogeneity)(const struct OrtCustomOp *);
+    int (*GetVariadicOutputMinArity)(const struct OrtCustomOp *);
+    int (*GetVariadicOutputHomogeneity)(const struct OrtCustomOp *);
+    OrtStatus *(*CreateKernelV2)(const struct OrtCustomOp *, const Fn *, const OrtKernelInfo *, void **);
+    OrtStatus *(*KernelComputeV2)(void *, OrtKernelContext *);
+    OrtStatus *(*InferOutputShapeFn)(const struct OrtCustomOp *, void *);
+    int (*GetStartVersion)(const struct OrtCustomOp *);
+    int (*GetEndVersion)(const struct OrtCustomOp *);
+    size_t (*GetMayInplace)(int **, int **);
+    void (*ReleaseMayInplace)(int *, int *);
+    size_t (*GetAliasMap)(int **, int **);
+    void (*ReleaseAliasMap)(int *, int *);
+} OrtCustomOp;
+
+/* ---- kernels ------------------------------------------------------------------------------------------ */
+
+typedef struct {
+    const uint8_t *aq;      /* (M, K4) quantized rows */
+    const float *sa;        /* (M,) row scales */
+    const int32_t *za;      /* (M,) row zero points */
+    const int8_t *w;        /* packed weights */
+    const float *scale;     /* (N,) */
+    const int32_t *colsum;  /* (N,) */
+    float *y;               /* (M, N) */
+    int64_t M, K4, N;
+} Job;
+
+static void finish(const Job *j, int64_t m, int64_t n0, const int32_t *acc16) {
+    int64_t n_end = n0 + 16 < j->N ? n0 + 16 : j->N;
+    float sa = j->sa[m];
+    int32_t za = j->za[m];
+    float *y = j->y + m * j->N;
+    for (int64_t n = n0; n < n_end; n++) y[n] = sa * j->scale[n] * (float)(acc16[n - n0] - za * j->colsum[n]);
+}
+
+/* one block of 16 columns, every row: portable C, for CPUs without AVX512-VNNI */
+static void block_scalar(const Job *j, int64_t nb) {
+    const int8_t *wb = j->w + nb * j->K4 * 16;
+    for (int64_t m = 0; m < j->M; m++) {
+        int32_t acc[16] = {0};
+        const uint8_t *a = j->aq + m * j->K4;
+        for (int64_t k4 = 0; k4 < j->K4 / 4; k4++)
+            for (int c = 0; c < 16; c++)
+                for (int i = 0; i < 4; i++) acc[c] += (int32_t)a[4 * k4 + i] * (int32_t)wb[(k4 * 16 + c) * 4 + i];
+        finish(j, m, nb * 16, acc);
+    }
+}
+
+/* one row: four accumulators over consecutive groups of k, so the adds do not wait on each other */
+VNNI static void row1_vnni(const Job *j, int64_t nb, int64_t m) {
+    const int8_t *p = j->w + nb * j->K4 * 16;
+    const int32_t *a = (const int32_t *)(j->aq + m * j->K4);
+    int64_t g = j->K4 / 4, k = 0;
+    __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
+    for (; k + 4 <= g; k += 4, p += 256) {
+        _mm_prefetch((const char *)p + PF, HINT);
+        _mm_prefetch((const char *)p + PF + 64, HINT);
+        _mm_prefetch((const char *)p + PF + 128, HINT);
+        _mm_prefetch((const char *)p + PF + 192, HINT);
+        s0 = _mm512_dpbusd_epi32(s0, _mm512_set1_epi32(a[k]), _mm512_loadu_si512(p));
+        s1 = _mm512_dpbusd_epi32(s1, _mm512_set1_epi32(a[k + 1]), _mm512_loadu_si512(p + 64));
+        s2 = _mm512_dpbusd_epi32(s2, _mm512_set1_epi32(a[k + 2]), _mm512_loadu_si512(p + 128));
+        s3 = _mm512_dpbusd_epi32(s3, _mm512_set1_epi32(a[k + 3]), _mm512_loadu_si512(p + 192));
+    }
+    for (; k < g; k++, p += 64) s0 = _mm512_dpbusd_epi32(s0, _mm512_set1_epi32(a[k]), _mm512_loadu_si512(p));
+    int32_t acc[16];
+    _mm512_storeu_si512(acc, _mm512_add_epi32(_mm512_add_epi32(s0, s1), _mm512_add_epi32(s2, s3)));
+    finish(j, m, nb * 16, acc);
+}
+
+/* R rows at once (R <= 8): each 64-byte load of weights feeds R multiply-adds */
+#define ROWS_VNNI(R)                                                                                   \
+    VNNI static void rows##R##_vnni(const Job *j, int64_t nb, int64_t m0) {                            \
+        const int8_t *p = j->w + nb * j->K4 * 16;                                                      \
+        const int32_t *a[R];                                                                           \
+        __m512i s[R];                                                                                  \
+        for (int r = 0; r < R; r++) a[r] = (const int32_t *)(j->aq + (m0 + r) * j->K4), s[r] = _mm512_setzero_si512(); \
+        for (int64_t k = 0, g = j->K4 / 4; k < g; k++, p += 64) {                                      \
+            _mm_prefetch((const char *)p + PF, HINT);                                                  \
+            __m512i w = _mm512_loadu_si512(p);                                                         \
+            for (int r = 0; r < R; r++) s[r] = _mm512_dpbusd_epi32(s[r], _mm512_set1_epi32(a[r][k]), w); \
+        }                                                                                              \
+        for (int r = 0; r < R; r++) {                                                                  \
+            int32_t acc[16];                                                                           \
+            _mm512_storeu_si512(acc, s[r]);                                                            \
+            finish(j, m0 + r, nb * 16, acc);                                                           \
+        }                                                                                              \
+    }
+ROWS_VNNI(2) ROWS_VNNI(3) ROWS_VNNI(4) ROWS_VNNI(5) ROWS_VNNI(6) ROWS_VNNI(7) ROWS_VNNI(8)
+
+VNNI static void block_vnni(const Job *j, int64_t nb) {
+    int64_t m = 0;
+    for (; m + 8 <= j->M; m += 8) rows8_vnni(j, nb, m);
+    switch (j->M - m) {
+        case 1: row1_vnni(j, nb, m); break;
+        case 2: rows2_vnni(j, nb, m); break;
+        case 3: rows3_vnni(j, nb, m); break;
+        case 4: rows4_vnni(j, nb, m); break;
+        case 5: rows5_vnni(j, nb, m); break;
+        case 6: rows6_vnni(j, nb, m); break;
+        case 7: rows7_vnni(j, nb, m); break;
+        default: break;
+    }
+}
+
+static void run_block(void *job, size_t nb) {
+    if (have_vnni) block_vnni((const Job *)job, (int64_t)nb);
+    else block_scalar((const Job *)job, (int64_t)nb);
+}
+
+/* per-row asymmetric uint8 quantization; the range always holds 0 so zero stays exact */
+static void quantize_rows(const float *a, int64_t M, int64_t K, int64_t K4, uint8_t *aq, float *sa, int32_t *za) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *x = a + m * K;
+        float lo = 0.f, hi = 0.f;
+        for (int64_t k = 0; k < K; k++) { lo = x[k] < lo ? x[k] : lo; hi = x[k] > hi ? x[k] : hi; }
+        float s = (hi - lo) / 255.f;
+        if (!(s > 0.f) || !isfinite(s)) s = 1.f;
+        int32_t z = (int32_t)lrintf(-lo / s);
+        z = z < 0 ? 0 : (z > 255 ? 255 : z);
+        float inv = 1.f / s;
+        uint8_t *q = aq + m * K4;
+        for (int64_t k = 0; k < K; k++) {
+            long v = lrintf(x[k] * inv) + z;
+            q[k] = (uint8_t)(v < 0 ? 0 : (v > 255 ? 255 : v));
+        }
+        for (int64_t k = K; k < K4; k++) q[k] = (uint8_t)z; /* padded weights are 0 */
+        sa[m] = s;
+        za[m] = z;
+    }
+}
+
+/* ---- fp32 ------------------------------------------------------------------------------------------------ */
+
+typedef struct {
+    const float *a, *w;
+    float *y;
+    int64_t M, K, N;
+} JobF;
+
+static void blockf_scalar(const JobF *j, int64_t nb) {
+    const float *wb = j->w + nb * j->K * 16;
+    for (int64_t m = 0; m < j->M; m++) {
+        float acc[16] = {0};
+        const float *a = j->a + m * j->K;
+        for (int64_t k = 0; k < j->K; k++)
+            for (int c = 0; c < 16; c++) acc[c] += a[k] * wb[k * 16 + c];
+        memcpy(j->y + m * j->N + nb * 16, acc, sizeof acc);
+    }
+}
+
+AVX512 static void rowf1(const JobF *j, int64_t nb, int64_t m) {
+    const float *p = j->w + nb * j->K * 16, *a = j->a + m * j->K;
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    int64_t k = 0;
+    for (; k + 4 <= j->K; k += 4, p += 64) {
+        _mm_prefetch((const char *)p + PF, HINT);
+        _mm_prefetch((const char *)p + PF + 64, HINT);
+        _mm_prefetch((const char *)p + PF + 128, HINT);
+        _mm_prefetch((const char *)p + PF + 192, HINT);
+        s0 = _mm512_fmadd_ps(_mm512_set1_ps(a[k]), _mm512_loadu_ps(p), s0);
+        s1 = _mm512_fmadd_ps(_mm512_set1_ps(a[k + 1]), _mm512_loadu_ps(p + 16), s1);
+        s2 = _mm512_fmadd_ps(_mm512_set1_ps(a[k + 2]), _mm512_loadu_ps(p + 32), s2);
+        s3 = _mm512_fmadd_ps(_mm512_set1_ps(a[k + 3]), _mm512_loadu_ps(p + 48), s3);
+    }
+    for (; k < j->K; k++, p += 16) s0 = _mm512_fmadd_ps(_mm512_set1_ps(a[k]), _mm512_loadu_ps(p), s0);
+    _mm512_storeu_ps(j->y + m * j->N + nb * 16, _mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+}
+
+/* R rows at once (R <= 8): each 64-byte line of weights feeds R multiply-adds */
+#define ROWSF(R)                                                                                         \
+    AVX512 static void rowsf##R(const JobF *j, int64_t nb, int64_t m0) {                                 \
+        const float *p = j->w + nb * j->K * 16, *a = j->a + m0 * j->K;                                   \
+        __m512 s[R];                                                                                     \
+        for (int r = 0; r < R; r++) s[r] = _mm512_setzero_ps();                                          \
+        for (int64_t k = 0; k < j->K; k++, p += 16) {                                                    \
+            _mm_prefetch((const char *)p + PF, HINT);                                                    \
+            __m512 w = _mm512_loadu_ps(p);                                                               \
+            for (int r = 0; r < R; r++) s[r] = _mm512_fmadd_ps(_mm512_set1_ps(a[r * j->K + k]), w, s[r]); \
+        }                                                                                                \
+        for (int r = 0; r < R; r++) _mm512_storeu_ps(j->y + (m0 + r) * j->N + nb * 16, s[r]);           \
+    }
+ROWSF(2) ROWSF(3) ROWSF(4) ROWSF(5) ROWSF(6) ROWSF(7) ROWSF(8)
+
+AVX512 static void blockf_avx512(const JobF *j, int64_t nb) {
+    int64_t m = 0;
+    for (; m + 8 <= j->M; m += 8) rowsf8(j, nb, m);
+    switch (j->M - m) {
+        case 1: rowf1(j, nb, m); break;
+        case 2: rowsf2(j, nb, m); break;
+        case 3: rowsf3(j, nb, m); break;
+        case 4: rowsf4(j, nb, m); break;
+        case 5: rowsf5(j, nb, m); break;
+        case 6: rowsf6(j, nb, m); break;
+        case 7: rowsf7(j, nb, m); break;
+        default: break;
+    }
+}
+
+static void run_blockf(void *job, size_t nb) {
+    if (have_avx512) blockf_avx512((const JobF *)job, (int64_t)nb);
+    else blockf_scalar((const JobF *)job, (int64_t)nb);
+}
+
+/* ---- the ops --------------------------------------------------------------------------------------------- */
+
+static const OrtValue *input(OrtKernelContext *c, size_t i) {
+    const OrtValue *v = NULL;
+    OrtStatus *st = CALL(API_KernelContext_GetInput, OrtStatus *(*)(const OrtKernelContext *, size_t, const OrtValue **))(c, i, &v);
+    return st ? NULL : v; /* an error here can only be a missing input, reported below */
+}
+static OrtStatus *data(const OrtValue *v, void **out) {
+    return CALL(API_GetTensorMutableData, OrtStatus *(*)(const OrtValue *, void **))(v, out);
+}
+static OrtStatus *dims(const OrtValue *v, int64_t *d, size_t *n) {
+    OrtShape *info;
+    OrtStatus *st = CALL(API_GetTensorTypeAndShape, OrtStatus *(*)(const OrtValue *, OrtShape **))(v, &info);
+    if (st) return st;
+    st = CALL(API_GetDimensionsCount, OrtStatus *(*)(const OrtShape *, size_t *))(info, n);
+    if (!st && *n > 8) st = status(ORT_INVALID_ARGUMENT, "MatMulInt8: more than 8 dimensions");
+    if (!st) st = CALL(API_GetDimensions, OrtStatus *(*)(const OrtShape *, int64_t *, size_t))(info, d, *n);
+    CALL(API_ReleaseTensorTypeAndShapeInfo, void (*)(OrtShape *))(info);
+    return st;
+}
+
+#define TRY(x) do { OrtStatus *st_ = (x); if (st_) return st_; } while (0)
+
+/* the leading dimensions of A, times each other, and Y's shape: A's with the last replaced by N */
+static int64_t rows_of(const int64_t *ad, size_t an, int64_t N, int64_t *yd) {
+    int64_t M = 1;
+    for (size_t i = 0; i + 1 < an; i++) M *= ad[i], yd[i] = ad[i];
+    yd[an - 1] = N;
+    return M;
+}
+
+typedef OrtStatus *(*ParallelFor)(const OrtKernelContext *, void (*)(void *, size_t), size_t, size_t, void *);
+typedef OrtStatus *(*GetOutput)(OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **);
+
+static OrtStatus *compute_int8(void *kernel, OrtKernelContext *ctx) {
+    (void)kernel;
+    int64_t ad[8], wd[8], sd[8], cd[8], yd[8];
+    size_t an, wn, sn, cn;
+    const OrtValue *A = input(ctx, 0), *W = input(ctx, 1), *S = input(ctx, 2), *C = input(ctx, 3);
+    if (!A || !W || !S || !C) return status(ORT_INVALID_ARGUMENT, "MatMulInt8: expected 4 inputs");
+    TRY(dims(A, ad, &an)); TRY(dims(W, wd, &wn)); TRY(dims(S, sd, &sn)); TRY(dims(C, cd, &cn));
+    if (an < 1 || wn != 4 || sn != 1 || cn != 1 || wd[2] != 16 || wd[3] != 4 || cd[0] != sd[0])
+        return status(ORT_INVALID_ARGUMENT, "MatMulInt8: expected A (..., K), W (N16/16, K4/4, 16, 4), scale (N,), colsum (N,)");
+    int64_t K = ad[an - 1], K4 = wd[1] * 4, N = sd[0];
+    if (K4 != (K + 3) / 4 * 4 || wd[0] != (N + 15) / 16)
+        return status(ORT_INVALID_ARGUMENT, "MatMulInt8: the packed weights do not match A's last dimension and scale's length");
+    int64_t M = rows_of(ad, an, N, yd);
+    OrtValue *Y = NULL;
+    TRY(CALL(API_KernelContext_GetOutput, GetOutput)(ctx, 0, yd, an, &Y));
+    void *a, *w, *s, *c, *y;
+    TRY(data(A, &a)); TRY(data(W, &w)); TRY(data(S, &s)); TRY(data(C, &c)); TRY(data(Y, &y));
+    if (M == 0 || N == 0) return NULL;
+    uint8_t *aq = aligned_alloc(64, (size_t)((M * K4 + 63) / 64 * 64));
+    float *sa = malloc((size_t)M * sizeof(float));
+    int32_t *za = malloc((size_t)M * sizeof(int32_t));
+    if (!aq || !sa || !za) { free(aq); free(sa); free(za); return status(ORT_FAIL, "MatMulInt8: out of memory"); }
+    quantize_rows(a, M, K, K4, aq, sa, za);
+    Job job = {aq, sa, za, w, s, c, y, M, K4, N};
+    OrtStatus *st = CALL(API_KernelContext_ParallelFor, ParallelFor)(ctx, run_block, (size_t)wd[0], NBATCH, &job);
+    free(aq); free(sa); free(za);
+    return st;
+}
+
+static OrtStatus *compute_f32(void *kernel, OrtKernelContext *ctx) {
+    (void)kernel;
+    int64_t ad[8], wd[8], yd[8];
+    size_t an, wn;
+    const OrtValue *A = input(ctx, 0), *W = input(ctx, 1);
+    if (!A || !W) return status(ORT_INVALID_ARGUMENT, "MatMulPacked: expected 2 inputs");
+    TRY(dims(A, ad, &an)); TRY(dims(W, wd, &wn));
+    if (an < 1 || wn != 3 || wd[2] != 16 || wd[1] != ad[an - 1])
+        return status(ORT_INVALID_ARGUMENT, "MatMulPacked: expected A (..., K) and W (N/16, K, 16) of the same K");
+    int64_t K = wd[1], N = wd[0] * 16;
+    int64_t M = rows_of(ad, an, N, yd);
+    OrtValue *Y = NULL;
+    TRY(CALL(API_KernelContext_GetOutput, GetOutput)(ctx, 0, yd, an, &Y));
+    void *a, *w, *y;
+    TRY(data(A, &a)); TRY(data(W, &w)); TRY(data(Y, &y));
+    if (M == 0 || N == 0) return NULL;
+    JobF job = {a, w, y, M, K, N};
+    return CALL(API_KernelContext_ParallelFor, ParallelFor)(ctx, run_blockf, (size_t)wd[0], NBATCH, &job);
+}
+
+static void compute_int8_v1(void *kernel, OrtKernelContext *ctx) { (void)compute_int8(kernel, ctx); }
+static void compute_f32_v1(void *kernel, OrtKernelContext *ctx) { (void)compute_f32(kernel, ctx); }
+static void *create_v1(const OrtCustomOp *op, const Fn *a, const OrtKernelInfo *info) { (void)op; (void)a; (void)info; return (void *)1; }
+static OrtStatus *create_v2(const OrtCustomOp *op, const Fn *a, const OrtKernelInfo *info, void **k) { (void)op; (void)a; (void)info; *k = (void *)1; return NULL; }
+static void destroy(void *k) { (void)k; }
+static const char *name_int8(const OrtCustomOp *op) { (void)op; return "MatMulInt8"; }
+static const char *name_f32(const OrtCustomOp *op) { (void)op; return "MatMulPacked"; }
+static const char *provider(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
+static int in_type_int8(const OrtCustomOp *op, size_t i) { (void)op; return i == 1 ? T_INT8 : (i == 3 ? T_INT32 : T_FLOAT); }
+static size_t in_count_int8(const OrtCustomOp *op) { (void)op; return 4; }
+static int in_type_f32(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return T_FLOAT; }
+static size_t in_count_f32(const OrtCustomOp *op) { (void)op; return 2; }
+static int out_type(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return T_FLOAT; }
+static size_t out_count(const OrtCustomOp *op) { (void)op; return 1; }
+static int required(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; }
+static int mem_default(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; }
+static int one(const OrtCustomOp *op) { (void)op; return 1; }
+static int start_version(const OrtCustomOp *op) { (void)op; return 1; }
+static int end_version(const OrtCustomOp *op) { (void)op; return INT_MAX; }
+static size_t no_pairs(int **i, int **o) { *i = NULL; *o = NULL; return 0; }
+static void release_pairs(int *i, int *o) { (void)i; (void)o; }
+
+static OrtCustomOp ops[] = {
+    {API_VERSION, create_v1, name_int8, provider, in_type_int8, in_count_int8, out_type, out_count, compute_int8_v1, destroy,
+     required, required, mem_default, one, one, one, one, create_v2, compute_int8, NULL, start_version, end_version,
+     no_pairs, release_pairs, no_pairs, release_pairs},
+    {API_VERSION, create_v1, name_f32, provider, in_type_f32, in_count_f32, out_type, out_count, compute_f32_v1, destroy,
+     required, required, mem_default, one, one, one, one, create_v2, compute_f32, NULL, start_version, end_version,
+     no_pairs, release_pairs, no_pairs, release_pairs},
+};
+
+/* the entry ONNX Runtime calls from SessionOptions.register_custom_ops_library */
+__attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
+    api = base->GetApi(API_VERSION);
+    if (!api) return NULL; /* cannot even make a status: ONNX Runtime older than 1.17 */
+    __builtin_cpu_init();
+    int portable = getenv("MMGPT_ORTOPS_PORTABLE") != NULL; /* for tests: the plain C loops */
+    have_avx512 = __builtin_cpu_supports("avx512f") && !portable;
+    have_vnni = have_avx512 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
+    static OrtCustomOpDomain *domain;
+    if (!domain) {
+        TRY(CALL(API_CreateCustomOpDomain, OrtStatus *(*)(const char *, OrtCustomOpDomain **))("mmgpt", &domain));
+        for (size_t i = 0; i < sizeof ops / sizeof ops[0]; i++)
+            TRY(CALL(API_CustomOpDomain_Add, OrtStatus *(*)(OrtCustomOpDomain *, const OrtCustomOp *))(domain, &ops[i]));
+    }
+    return CALL(API_AddCustomOpDomain, OrtStatus *(*)(OrtSessionOptions *, OrtCustomOpDomain *))(options, domain);
+}
