@@ -335,8 +335,9 @@ def _save(model, path: Path) -> None:
 
 def pack_fp32_matmuls(path: Path) -> None:
     """Rewrite an fp32 decoder in place: every linear layer (16-column multiples) becomes mmgpt.MatMulPacked
-    over its weight in the order the kernel streams it. Same weights, same bytes; ONNX Runtime's own MatMul
-    reads them at ~0.75 of its GEMV rate for 8 rows, this at ~0.9-1.0 (README, Benchmark)."""
+    over its weight in the order the kernel streams it. Same weights, same bytes; measured at Phi-2 width, a
+    decode step reads them at 0.94 of the bound against 0.865 with ONNX Runtime's MatMul, 8 rows x 1,024 tokens at
+    0.86 against 0.77 (README, Benchmark)."""
     import onnx
     from onnx import numpy_helper
 
@@ -365,7 +366,7 @@ def load_plain(path: Path):
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     for i, node in enumerate(g.node):
-        if node.op_type == "MatMulPacked" and node.domain == "mmgpt":
+        if node.op_type == "MatMulPacked" and node.domain == ortops.DOMAIN:
             packed = inits[node.input[1]]
             name = packed.name.removesuffix("_packed")
             if name not in inits:
