@@ -293,6 +293,13 @@ def _weight_matmuls(model):
             yield node, w
 
 
+def _drop_unused_initializers(g) -> None:
+    used = {i for n in g.node for i in n.input}
+    kept = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(kept)
+
+
 def _swap_weights(model, op_type: str, convert) -> None:
     """Replace each linear layer over weight `w` by `op_type` (domain mmgpt) over the initializers
     `convert(w)` returns (None: leave the layer as it is); a weight shared by several layers is converted once."""
@@ -315,10 +322,7 @@ def _swap_weights(model, op_type: str, convert) -> None:
         if done[w.name] is not None:
             node.CopyFrom(helper.make_node(op_type, [node.input[0], *done[w.name]], list(node.output), name=node.name,
                                            domain=ortops.DOMAIN))
-    used = {i for n in g.node for i in n.input}
-    kept = [t for t in g.initializer if t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(kept)
+    _drop_unused_initializers(g)
     if not any(o.domain == ortops.DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(ortops.DOMAIN, 1))
 
@@ -373,10 +377,7 @@ def load_plain(path: Path):
                 inits[name] = numpy_helper.from_array(ortops.unpack_f32(numpy_helper.to_array(packed)), name)
                 g.initializer.append(inits[name])
             g.node[i].CopyFrom(onnx.helper.make_node("MatMul", [node.input[0], name], list(node.output), name=node.name))
-    used = {i for n in g.node for i in n.input}
-    kept = [t for t in g.initializer if t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(kept)
+    _drop_unused_initializers(g)
     kept_opsets = [o for o in model.opset_import if o.domain != ortops.DOMAIN]
     del model.opset_import[:]
     model.opset_import.extend(kept_opsets)

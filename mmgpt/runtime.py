@@ -27,7 +27,7 @@ def ort_session(path: str | Path, threads: int | None = None, providers: list[st
     from mmgpt import ortops
 
     try:
-        ortops.register(opts)  # the int8 decoder's MatMulInt8; other graphs do not use it
+        ortops.register(opts)  # the LLM decoder's MatMulPacked / MatMulInt8; other graphs do not use them
         unbuilt = None
     except RuntimeError as e:
         unbuilt = e
@@ -35,7 +35,7 @@ def ort_session(path: str | Path, threads: int | None = None, providers: list[st
         return ort.InferenceSession(str(path), opts, providers=providers)
     except Exception as e:
         if unbuilt is not None and ortops.DOMAIN in str(e):
-            raise RuntimeError(f"{path} uses mmgpt's own int8 operator, which could not be built: {unbuilt}") from e
+            raise RuntimeError(f"{path} uses mmgpt's own operators (mmgpt/ortops), which could not be built: {unbuilt}") from e
         raise
 
 

@@ -38,8 +38,8 @@ def library() -> Path:
         return out
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
-        raise RuntimeError("mmgpt's int8 operator needs a C compiler to build it once: install gcc "
-                           "(apt install gcc), or export without --int8")
+        raise RuntimeError("mmgpt's decoder operators need a C compiler to build them once: install gcc "
+                           "(apt install gcc), then export again")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         built = Path(tmp) / out.name

@@ -179,19 +179,14 @@ VNNI static void row1_vnni(const Job *j, int64_t nb, int64_t m) {
     }
 ROWS_VNNI(2) ROWS_VNNI(3) ROWS_VNNI(4) ROWS_VNNI(5) ROWS_VNNI(6) ROWS_VNNI(7) ROWS_VNNI(8)
 
+/* the kernel for each count of rows left over after blocks of 8 */
+static void (*const rows_vnni[8])(const Job *, int64_t, int64_t) = {
+    NULL, row1_vnni, rows2_vnni, rows3_vnni, rows4_vnni, rows5_vnni, rows6_vnni, rows7_vnni};
+
 VNNI static void block_vnni(const Job *j, int64_t nb) {
     int64_t m = 0;
     for (; m + 8 <= j->M; m += 8) rows8_vnni(j, nb, m);
-    switch (j->M - m) {
-        case 1: row1_vnni(j, nb, m); break;
-        case 2: rows2_vnni(j, nb, m); break;
-        case 3: rows3_vnni(j, nb, m); break;
-        case 4: rows4_vnni(j, nb, m); break;
-        case 5: rows5_vnni(j, nb, m); break;
-        case 6: rows6_vnni(j, nb, m); break;
-        case 7: rows7_vnni(j, nb, m); break;
-        default: break;
-    }
+    if (j->M > m) rows_vnni[j->M - m](j, nb, m);
 }
 
 static void run_block(void *job, size_t nb) {
@@ -273,19 +268,13 @@ AVX512 static void rowf1(const JobF *j, int64_t nb, int64_t m) {
     }
 ROWSF(2) ROWSF(3) ROWSF(4) ROWSF(5) ROWSF(6) ROWSF(7) ROWSF(8)
 
+static void (*const rows_f[8])(const JobF *, int64_t, int64_t) = {
+    NULL, rowf1, rowsf2, rowsf3, rowsf4, rowsf5, rowsf6, rowsf7};
+
 AVX512 static void blockf_avx512(const JobF *j, int64_t nb) {
     int64_t m = 0;
     for (; m + 8 <= j->M; m += 8) rowsf8(j, nb, m);
-    switch (j->M - m) {
-        case 1: rowf1(j, nb, m); break;
-        case 2: rowsf2(j, nb, m); break;
-        case 3: rowsf3(j, nb, m); break;
-        case 4: rowsf4(j, nb, m); break;
-        case 5: rowsf5(j, nb, m); break;
-        case 6: rowsf6(j, nb, m); break;
-        case 7: rowsf7(j, nb, m); break;
-        default: break;
-    }
+    if (j->M > m) rows_f[j->M - m](j, nb, m);
 }
 
 static void run_blockf(void *job, size_t nb) {
