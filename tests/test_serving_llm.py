@@ -523,3 +523,36 @@ def test_a_full_queue_and_an_oversized_request_are_refused_at_once(stage, tokeni
     s = ListSink()
     tiny.submit(a, s)
     assert s.reason == "error" and "kv_budget_mb" in s.error and tiny.active() == 0
+
+
+def test_requester_queues_keep_order_and_a_stuck_requester_holds_up_no_one_else():
+    """A send to a dead entry-point process never returns (Triton 2.51): it may only stall that process's
+    own queue, never the caller (the batcher) for long, nor another requester's responses."""
+    from mmgpt.serving.llm import RequesterQueues
+
+    queues = RequesterQueues(ahead=2, wait_s=0.3, idle_s=0.2)
+    stuck, got, done = threading.Event(), [], threading.Event()
+    caller = threading.get_ident()
+    queues(1, stuck.wait)  # requester 1's process is gone: this send never returns (until the test ends)
+    t = time.monotonic()
+    queues(1, lambda: got.append("after the stuck one"))
+    assert time.monotonic() - t < 0.2  # within `ahead`: queued at once
+    queues(1, lambda: got.append("after the stuck one"))
+    assert 0.25 < time.monotonic() - t < 2  # 2 behind: held back, but only for wait_s
+    for i in range(5):
+        queues(2, lambda i=i: got.append((i, threading.get_ident() != caller)))
+    queues(2, lambda: 1 / 0)  # a failed send is logged; the next ones still go
+    queues(2, done.set)
+    assert done.wait(5)
+    assert got == [(i, True) for i in range(5)]
+    inline = []
+    queues(None, lambda: inline.append(threading.get_ident()))  # a gRPC client of the llm model: sent at once
+    assert inline == [caller]
+    deadline = time.monotonic() + 5
+    while queues.threads() > 1 and time.monotonic() < deadline:  # an idle queue's thread ends
+        time.sleep(0.05)
+    assert queues.threads() == 1  # only the stuck one is left
+    stuck.set()
+    while len(got) < 7 and time.monotonic() < deadline + 5:
+        time.sleep(0.02)
+    assert got[5:] == ["after the stuck one"] * 2

@@ -20,6 +20,7 @@ from mmgpt.serving import contract as c
 from mmgpt.serving.llm import GenerationRequest
 from mmgpt.serving.multimodal import (
     EntrySettings,
+    FinishedStreams,
     LLMGone,
     Pipeline,
     Replies,
@@ -593,3 +594,54 @@ def test_a_draining_server_refuses_new_requests_and_each_answer_marks_its_instan
         assert int(flag.read_text()) == os.getpid()  # the launcher's drain waits while this file names a live pid
         raise RuntimeError("a failed answer still clears it")
     assert not flag.exists()
+
+
+class _Stream:
+    """Stands in for Triton's response iterator: what matters here is who holds the last reference."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __iter__(self):
+        return iter(self.items)
+
+
+def test_pump_hands_the_ended_stream_over_instead_of_dropping_it():
+    """Triton 2.51's stub frees a stream without the GIL if Python lets go of it first (FinishedStreams): the
+    reader must keep it alive and hand it to `keep` before the consumer sees the end."""
+    import weakref
+
+    kept = []
+    box = [_Stream([[1], [2]])]
+    ref = weakref.ref(box[0])
+    pump = ResponsePump(box.pop, lambda x: x, timeout_s=5, keep=kept.append)  # the reader's is the only reference
+    assert [t for chunk in pump for t in chunk] == [1, 2]
+    pump.close()
+    assert kept == [ref()] and ref() is not None
+
+
+def test_finished_streams_are_freed_only_after_a_round_trip_that_started_after_they_ended():
+    import gc
+    import weakref
+
+    finished = FinishedStreams()
+    streams = [_Stream([]), _Stream([])]
+    refs = [weakref.ref(s) for s in streams]
+    finished.hold(streams.pop(0))
+
+    # A cached cancel (True) made no round trip: nothing may be freed.
+    assert finished.barrier(lambda: True) is True
+    gc.collect()
+    assert refs[0]() is not None and len(finished) == 1
+
+    def round_trip():  # a stream that ends while the round trip is under way is not covered by it
+        finished.hold(streams.pop())
+        return False
+
+    assert finished.barrier(round_trip) is False
+    gc.collect()
+    assert refs[0]() is None  # freed, and by this thread: its last reference was ours
+    assert refs[1]() is not None and len(finished) == 1
+    assert finished.barrier(lambda: False) is False
+    gc.collect()
+    assert refs[1]() is None and len(finished) == 0

@@ -101,6 +101,9 @@ LLM_ERROR = "error"  # BYTES [1]
 # Written by our llm model into its model directory at startup: the entry point checks that this process is
 # still alive while it waits for tokens (a killed process never answers; see multimodal.ResponsePump).
 LLM_PID_FILE = "process.pid"
+# A request parameter (not a tensor: TensorRT-LLM's backend ignores parameters it does not know) with which
+# our entry point tells our llm model which process waits for the tokens (see llm.RequesterQueues).
+REQUESTER_PID = "mmgpt_requester_pid"
 # Written by the launcher at the repository's root when it stops the server: the entry point then refuses
 # new requests while the running ones finish with every model still serving (see TritonServer.stop).
 from mmgpt.serving.tritonserver import DRAIN_FILE, ENTRY_BUSY_DIR  # noqa: E402,F401 (defined with the drain)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -234,6 +235,60 @@ class TokenSink(Protocol):
 
     def cancelled(self) -> bool:
         """The client went away."""
+
+
+class RequesterQueues:
+    """Calls (a response sender's sends) run in order per requesting process, each on a thread of its own.
+
+    Why: when the process that asked for a stream over BLS dies (an entry-point instance killed mid-answer),
+    Triton 2.51's server blocks forever delivering the next response to it (python_backend's
+    SendBLSDecoupledResponse waits for the dead process's acknowledgement), and so does the `send` that
+    produced it. Made on the batcher's thread, that send would stop every sequence of the server for good;
+    here it stops only the dead requester's queue, and the sink's liveness check drops its sequences.
+    Requests without a requester (a client of the llm model itself, over gRPC) are sent inline.
+
+    A requester is kept at most `ahead` responses behind (the caller waits, at most `wait_s`): a client that
+    closes its stream must not find the batcher far ahead of what it was sent (tokens generated past a close
+    are bounded). Sending off the decode thread also spares the next step a response's round trip.
+    """
+
+    def __init__(self, *, ahead: int = 4, wait_s: float = 1.0, idle_s: float = 30.0):
+        self._ahead, self._wait_s, self._idle_s = ahead, wait_s, idle_s
+        self._cond = threading.Condition()
+        self._queues: dict[int, deque[Callable[[], None]]] = {}
+
+    def __call__(self, requester: int | None, call: Callable[[], None]) -> None:
+        if requester is None:
+            call()
+            return
+        with self._cond:
+            q = self._queues.get(requester)
+            if q is None:
+                q = self._queues[requester] = deque()
+                threading.Thread(target=self._run, args=(requester, q), daemon=True,
+                                 name=f"send-to-{requester}").start()
+            self._cond.wait_for(lambda: len(q) < self._ahead, timeout=self._wait_s)
+            q.append(call)
+            self._cond.notify_all()
+
+    def _run(self, requester: int, q: deque[Callable[[], None]]) -> None:
+        while True:
+            with self._cond:
+                if not self._cond.wait_for(lambda: q, timeout=self._idle_s):
+                    del self._queues[requester]  # idle: the next call for it starts a new thread
+                    return
+                call = q[0]  # left in the queue while it runs: `ahead` counts it
+            try:
+                call()
+            except Exception as e:  # e.g. the client went away: the batcher learns it from cancelled()
+                log.warning("sending a response to process %d failed: %s", requester, e)
+            with self._cond:
+                q.popleft()
+                self._cond.notify_all()
+
+    def threads(self) -> int:
+        with self._cond:
+            return len(self._queues)
 
 
 @dataclass

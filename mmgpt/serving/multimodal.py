@@ -340,7 +340,7 @@ class ResponsePump:
 
     The reader thread alone touches the responses (it decodes them into plain lists): Triton's response
     objects are not safe to use from two threads. `close()` waits for it to reach the end of the stream,
-    so nothing of a request outlives it.
+    so nothing of a request outlives it but the ended stream itself, handed to `keep` (FinishedStreams.hold).
     """
 
     def __init__(
@@ -352,6 +352,7 @@ class ResponsePump:
         poll_s: float = 0.05,
         alive: Callable[[], bool] | None = None,
         alive_every_s: float = 1.0,
+        keep: Callable[[Any], None] | None = None,
     ):
         self._queue: queue.Queue = queue.Queue()
         self._timeout_s = timeout_s
@@ -364,13 +365,16 @@ class ResponsePump:
         self._alive_every_s = alive_every_s
         self._checked = self._last
         self._abandoned = False
+        self._keep = keep  # given the stream once it has ended (FinishedStreams.hold): it must not be freed here
         self._thread = threading.Thread(target=self._read, args=(start, decode), daemon=True, name="bls-reader")
         self._thread.start()
 
     def _read(self, start: Callable[[], Iterable[Any]], decode: Callable[[Any], list[int]]) -> None:
         error = None
+        stream = None
         try:
-            for item in start():
+            stream = start()
+            for item in stream:
                 if error is None:
                     try:
                         self._queue.put(("item", decode(item)))
@@ -380,6 +384,9 @@ class ResponsePump:
         except BaseException as e:
             if error is None:
                 self._queue.put(("error", e))
+        if stream is not None and self._keep is not None:
+            self._keep(stream)
+        del stream
         self._queue.put(("end", None))
 
     def __iter__(self) -> ResponsePump:
@@ -416,6 +423,48 @@ class ResponsePump:
         self._done = True
         if not self._abandoned:
             self._thread.join(timeout_s)
+
+
+class FinishedStreams:
+    """Ended BLS response streams, held until Triton's stub has let go of them, then freed here, under the GIL.
+
+    Why: Triton 2.51's stub (python_backend before #390, "Hold GIL when deleting numpy array") also keeps each
+    decoupled BLS stream in a map, which its helper thread erases after the stream's last response, without the
+    GIL. When that erase drops the last reference, every response's numpy arrays are freed without the GIL while
+    Python threads run: heap corruption, and under load a dead entry-point process ("Stub process ... is not
+    healthy", requests lost; seen in the soak, more often as tokens came faster). Held in Python until then, the
+    last reference is always Python's.
+
+    When is "then"? The erase is queued on the same helper thread, first in first out, as the round trip of
+    `is_cancelled()`. So a round trip that started after a stream ended and came back False (a cancel, once
+    seen, is cached and makes no round trip) proves the stream's erase has run: `barrier` frees those streams.
+    The entry point polls is_cancelled while it streams, so a stream is held until its own request's or the
+    next request's first poll.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: list[Any] = []
+
+    def hold(self, stream: Any) -> None:
+        with self._lock:
+            self._held.append(stream)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._held)
+
+    def barrier(self, round_trip: Callable[[], bool]) -> bool:
+        """round_trip() (the sender's is_cancelled); when it says False, free the streams held before it started.
+        One thread calls this (the instance's; hold may be called from any)."""
+        with self._lock:
+            before = len(self._held)
+        answer = round_trip()
+        if not answer and before:
+            with self._lock:
+                done, self._held = self._held[:before], self._held[before:]
+            del done  # the last references: freed here, by a Python thread
+        return answer
 
 
 class LLMGone(RuntimeError):

@@ -295,7 +295,13 @@ def kill_model(server, runner: Runner, jobs: dict[str, Job], model: str, kinds: 
     victims: list[int] = []
 
     def kill() -> None:
-        pids = sorted(p for p, m in server.model_processes().items() if m == model)
+        # An entry-point process is killed while it answers (its busy file), never one that may be idle: the
+        # case that matters is a requester dying with the LLM still streaming to it (llm.RequesterQueues).
+        deadline = time.monotonic() + 5
+        while model == "multimodal" and not server.answering() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        busy = server.answering() if model == "multimodal" else []
+        pids = busy[:1] or sorted(p for p, m in server.model_processes().items() if m == model)
         if pids:
             victims.append(pids[0])
             os.kill(pids[0], signal.SIGKILL)
@@ -519,7 +525,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             ("kill llm", lambda: kill_model(server, runner, jobs, "llm", ["long", "image"])),
             ("kill whisper", lambda: kill_model(server, runner, jobs, "whisper", ["audio"])),
             ("kill vision_encoder", lambda: kill_model(server, runner, jobs, "vision_encoder", ["image2"])),
-            ("kill multimodal", lambda: kill_model(server, runner, jobs, "multimodal", ["image", "text"])),
+            ("kill multimodal", lambda: kill_model(server, runner, jobs, "multimodal", ["long", "text"])),
             ("client disconnects", lambda: disconnects(server, runner, jobs)),
             ("bad input burst", lambda: bad_burst(server, runner, jobs)),
             ("overload", lambda: overload(server, runner, jobs, 3 * (entry_instances + entry_queue))),

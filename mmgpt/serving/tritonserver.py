@@ -716,12 +716,12 @@ class TritonServer:
             pending = metric_total(self.metrics_url, "nv_inference_pending_request_count")
             if pending is None:  # no metrics to go by: Triton's own drain is all there is
                 return
-            idle = idle + 1 if pending == 0 and not self._answering() else 0
+            idle = idle + 1 if pending == 0 and not self.answering() else 0
             if idle >= 2:  # twice in a row: a request passed between two instances is not missed
                 return
             time.sleep(0.2)
 
-    def _answering(self) -> list[int]:
+    def answering(self) -> list[int]:
         """Pids of the entry-point processes answering a request now (a dead one's file does not count)."""
         pids = []
         for f in self.model_repository.glob(f"*/{ENTRY_BUSY_DIR}/*"):

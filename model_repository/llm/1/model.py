@@ -18,8 +18,8 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from mmgpt.preprocess import InputError  # noqa: E402
 from mmgpt.serving import contract as c  # noqa: E402
-from mmgpt.serving.llm import StopRequest  # noqa: E402
-from mmgpt.serving.multimodal import write_pid  # noqa: E402
+from mmgpt.serving.llm import RequesterQueues, StopRequest  # noqa: E402
+from mmgpt.serving.multimodal import process_alive, write_pid  # noqa: E402
 from mmgpt.serving.stages import LLMStage  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -32,12 +32,18 @@ def _error_response(message):
 
 
 class TritonSink:
-    """mmgpt.serving.llm.TokenSink over a response sender: (1, beam 1, n) output_ids per response."""
+    """mmgpt.serving.llm.TokenSink over a response sender: (1, beam 1, n) output_ids per response, sent on the
+    requester's queue (RequesterQueues: a dead requester must not stall the batcher)."""
 
-    def __init__(self, sender):
+    def __init__(self, sender, requester, queues):
         self.sender = sender
+        self.requester = requester  # the entry point's pid, or None
+        self.queues = queues
         self.checked = 0.0
         self.gone = False
+
+    def _send(self, *args, **kwargs):
+        self.queues(self.requester, lambda: self.sender.send(*args, **kwargs))
 
     def tokens(self, ids):
         if self.gone:  # cancelled: the request is complete at the frontend, nothing more may be sent
@@ -46,21 +52,22 @@ class TritonSink:
             pb_utils.Tensor(c.OUTPUT_IDS, np.array([[ids]], np.int32)),
             pb_utils.Tensor(c.SEQUENCE_LENGTH, np.array([[len(ids)]], np.int32)),
         ]
-        self.sender.send(pb_utils.InferenceResponse(outputs))
+        self._send(pb_utils.InferenceResponse(outputs))
 
     def finish(self, reason, error=None):
         if self.gone:  # is_cancelled() was true: the backend already sent the final flag (python_backend#304)
             return
         if error is not None:
-            self.sender.send(_error_response(error), flags=FINAL)
+            self._send(_error_response(error), flags=FINAL)
         else:
-            self.sender.send(flags=FINAL)
+            self._send(flags=FINAL)
 
     def cancelled(self):
         now = time.monotonic()
         if not self.gone and now - self.checked >= CANCEL_POLL_S:
             self.checked = now
-            self.gone = self.sender.is_cancelled()
+            # A dead requester cancels nothing, and nothing sent to it arrives: its sequence is dropped.
+            self.gone = self.sender.is_cancelled() or (self.requester is not None and not process_alive(self.requester))
         return self.gone
 
 
@@ -116,6 +123,7 @@ class TritonPythonModel:
         params = c.parameters(config)
         self.stage = LLMStage(params["export_dir"], int(params["ort_threads"]))
         self.metrics = Metrics(args["model_name"])
+        self.queues = RequesterQueues()
         self.metrics.budget.set(int(params["kv_budget_mb"]) * 2**20)
         self.batcher = self.stage.batcher(
             int(params["max_inflight"]), on_iteration=lambda stats: self.metrics.update(stats, self.batcher.active()),
@@ -127,7 +135,8 @@ class TritonPythonModel:
 
     def execute(self, requests):
         for request in requests:
-            sender = request.get_response_sender()
+            sink = TritonSink(request.get_response_sender(), json.loads(request.parameters() or "{}").get(c.REQUESTER_PID),
+                              self.queues)
             inputs = {}
             for name in c.LLM_INPUTS:
                 tensor = pb_utils.get_input_tensor_by_name(request, name)
@@ -135,13 +144,13 @@ class TritonPythonModel:
             try:
                 parsed = self.stage.parse(inputs, request.request_id())
             except InputError as e:
-                sender.send(_error_response(str(e)), flags=FINAL)
+                sink.finish("error", str(e))
                 continue
             if isinstance(parsed, StopRequest):
                 self.batcher.stop(parsed.request_id)
-                sender.send(flags=FINAL)
+                sink.finish("end")
                 continue
-            self.batcher.submit(parsed, TritonSink(sender))
+            self.batcher.submit(parsed, sink)
         return None
 
     def finalize(self):

@@ -45,6 +45,7 @@ class BlsStages:
         self.table_dtype = table_dtype
         self.timeout_s = timeout_s
         self.llm_pid_file = llm_pid_file
+        self.finished = mm.FinishedStreams()  # decoupled BLS streams are freed by Python, never by the stub
 
     def _exec(self, model, inputs, outputs):
         response = mm.through_restarts(
@@ -67,23 +68,24 @@ class BlsStages:
         response = self._exec(c.VISION, {c.PIXEL_VALUES: pixels}, [c.IMAGE_EMBEDS])
         return _output(response, c.IMAGE_EMBEDS)[0]
 
+    def _llm_request(self, inputs, request_id):
+        # All outputs (output_ids, sequence_length and, ours only, error); who asks: see llm.RequesterQueues.
+        return pb_utils.InferenceRequest(model_name=self.llm_model, inputs=_tensors(inputs), request_id=request_id,
+                                         requested_output_names=[], parameters={c.REQUESTER_PID: os.getpid()})
+
     def generate(self, request_id, input_ids, prompt_table, params, end_id):
         inputs = request_tensors(input_ids, prompt_table, params, end_id=end_id, pad_id=end_id, table_dtype=self.table_dtype)
-        request = pb_utils.InferenceRequest(
-            model_name=self.llm_model, inputs=_tensors(inputs), request_id=request_id,
-            requested_output_names=[],  # all: output_ids, sequence_length and (ours only) error
-        )
+        request = self._llm_request(inputs, request_id)
         pid = mm.read_pid(self.llm_pid_file)  # the process this request is about to be served by (ours only)
         return mm.ResponsePump(
             lambda: request.exec(decoupled=True), _tokens, timeout_s=self.timeout_s,
-            alive=None if pid is None else lambda: mm.process_alive(pid),
+            alive=None if pid is None else lambda: mm.process_alive(pid), keep=self.finished.hold,
         )
 
     def stop(self, request_id):
-        request = pb_utils.InferenceRequest(model_name=self.llm_model, inputs=_tensors(stop_tensors()),
-                                            request_id=request_id, requested_output_names=[])
-        for _ in request.exec(decoupled=True):
+        for _ in (stream := self._llm_request(stop_tensors(), request_id).exec(decoupled=True)):
             pass
+        self.finished.hold(stream)
 
 
 class TritonPythonModel:
@@ -123,7 +125,8 @@ class TritonPythonModel:
         def cancelled():
             # When is_cancelled() says so, the backend has sent the final flag itself (python_backend#304):
             # sending another one later frees the response factory twice (a segfault seen under load).
-            state["final"] = state["final"] or sender.is_cancelled()
+            # Each poll that makes a round trip also frees the BLS streams that ended before it (FinishedStreams).
+            state["final"] = state["final"] or self.stages.finished.barrier(sender.is_cancelled)
             return state["final"]
 
         try:
