@@ -186,7 +186,7 @@ def _checked(c: Components, out_dir: Path, fp32_path: Path, open_model: Callable
     from mmgpt import ortops
     from mmgpt.inference import TorchLLM
 
-    if ortops.available():  # the checks below then hold for the graph that is served
+    if ortops.fast("fp32"):  # the checks below then hold for the graph that is served
         pack_fp32_matmuls(fp32_path)
     fp32 = open_model(names.LLM_ONNX)
     results = logit_checks(fp32, TOLERANCE)
@@ -256,14 +256,15 @@ def quantize_llm(fp32_path: Path, out_dir: Path, kind: str) -> tuple[str, str]:
     from mmgpt import ortops
 
     onnx_file, precision = QUANTIZED[kind]
-    if kind == "int8" and ortops.available():
+    if kind == "int8" and ortops.fast("int8"):
         _int8_matmuls(load_plain(fp32_path), out_dir / onnx_file)
     elif kind == "int8":
         import tempfile
 
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        print("int8: no C compiler for mmgpt.MatMulInt8, so ONNX Runtime's MatMulInteger (slower here)", flush=True)
+        why = "this CPU lacks AVX512-VNNI" if ortops.available() else "no C compiler"
+        print(f"int8: {why} for mmgpt.MatMulInt8, so ONNX Runtime's MatMulInteger", flush=True)
         precision = "int8 (ONNX Runtime dynamic quantization: int8 weights, per-call activations)"
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
             plain = Path(tmp) / "plain.onnx"

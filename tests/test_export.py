@@ -74,8 +74,16 @@ def test_whisper_transcript_equals_pytorch(reference, exported):
     assert want and exported.transcribe(buf.getvalue()) == want
 
 
-def test_int8_switch(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("force", ["", "1"], ids=["this-cpu", "operators-forced"])
+def test_int8_switch(tiny_checkpoint, tmp_path, monkeypatch, request, force):
+    """INT8=1: mmgpt.MatMulInt8 where this CPU runs its kernel (or MMGPT_ORTOPS=1), else ONNX Runtime's
+    dynamic quantization; either way no fp32 weight is left and the runtime opens it."""
+    from mmgpt import ortops
     from mmgpt.export.__main__ import main
+
+    monkeypatch.setenv("MMGPT_ORTOPS", force)
+    ortops.fast.cache_clear()
+    request.addfinalizer(ortops.fast.cache_clear)  # its answers saw this test's environment
     from mmgpt.runtime import OrtSharedKVModel, llm_model
 
     out = main(str(tiny_checkpoint), str(tmp_path / "q"), int8=True, only=("llm",))
@@ -86,7 +94,11 @@ def test_int8_switch(tiny_checkpoint, tmp_path):
     assert (out / names.LLM_DIR / names.LLM_INT8_ONNX).stat().st_size < fp32
     graph = onnx.load(str(out / names.LLM_DIR / names.LLM_INT8_ONNX)).graph
     weights = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2}
-    assert any(n.op_type == "MatMulInt8" for n in graph.node)  # mmgpt's operator (a C compiler is here)
+    ops = {n.op_type for n in graph.node}
+    if ortops.fast("int8"):
+        assert "MatMulInt8" in ops  # mmgpt's operator (a C compiler and AVX512-VNNI are here)
+    else:
+        assert "MatMulInt8" not in ops and ("MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops), sorted(ops)
     assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]  # none left in fp32
     model = llm_model(out / names.LLM_DIR)
     assert isinstance(model, OrtSharedKVModel)  # the default layout

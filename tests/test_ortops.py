@@ -2,6 +2,8 @@
 arithmetic on both of its kernels (AVX512 and the plain C loops), the layouts are what the kernels read, weights
 that do not fit are an error, and the export writes them into the decoder."""
 
+import os
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -120,17 +122,27 @@ def test_a_packed_weight_of_another_width_is_an_error():
     assert s.run(None, {"a": np.ones((2, 64), np.float32)})[0].shape == (2, 32)
 
 
-def test_the_export_packs_the_decoders_linear_layers_and_the_quantizers_get_them_back(tiny_export):
-    """`make export` serves MatMulPacked (same weights, the kernels' order); load_plain gives the quantizers
-    ONNX Runtime's MatMul over exactly those weights again."""
+def test_the_export_packs_the_decoders_linear_layers_and_the_quantizers_get_them_back(tiny_export, tmp_path):
+    """`make export` serves MatMulPacked (same weights, the kernels' order) where this CPU runs its kernel, and
+    ONNX Runtime's MatMul elsewhere; load_plain gives the quantizers ONNX Runtime's MatMul over exactly those
+    weights again. Where the export did not pack, a copy is packed here: the rewrite is the same on any CPU."""
+    import shutil
+
     import onnx
 
     from mmgpt import names
-    from mmgpt.export.llm import load_plain
+    from mmgpt.export.llm import load_plain, pack_fp32_matmuls
 
     path = tiny_export / names.LLM_DIR / names.LLM_ONNX
     graph = onnx.load(str(path)).graph
     packed = [n for n in graph.node if n.op_type == "MatMulPacked"]
+    assert bool(packed) == ortops.fast("fp32")
+    if not packed:
+        shutil.copytree(path.parent, tmp_path / "llm")
+        path = tmp_path / "llm" / names.LLM_ONNX
+        pack_fp32_matmuls(path)
+        graph = onnx.load(str(path)).graph
+        packed = [n for n in graph.node if n.op_type == "MatMulPacked"]
     assert packed and not [n for n in graph.node if n.op_type == "MatMul" and n.input[1].endswith("_packed")]
     inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     plain = load_plain(path)
@@ -140,3 +152,23 @@ def test_the_export_packs_the_decoders_linear_layers_and_the_quantizers_get_them
     for node in packed:
         w = numpy_helper.to_array(plain_inits[node.input[1].removesuffix("_packed")])
         np.testing.assert_array_equal(ortops.pack_f32(w), inits[node.input[1]])
+
+
+def test_the_operators_are_used_only_where_their_kernels_run(monkeypatch):
+    """Without AVX512 the operators run plain C loops, several times slower than ONNX Runtime's MatMul (seen:
+    ~30x on an AVX2 machine): an export then keeps ONNX Runtime's. MMGPT_ORTOPS forces either way."""
+    kernels = ortops.kernels()
+    try:
+        for force, want in (("", {k: bool(kernels & bit) for k, bit in ortops.KERNELS.items()}),
+                            ("0", {"fp32": False, "int8": False}), ("1", {"fp32": True, "int8": True})):
+            monkeypatch.setenv("MMGPT_ORTOPS", force)
+            ortops.fast.cache_clear()
+            assert {k: ortops.fast(k) for k in ortops.KERNELS} == want, force
+        monkeypatch.setenv("MMGPT_ORTOPS_PORTABLE", "1")
+        assert ortops.kernels() == 0  # what the tests of the plain loops run
+    finally:
+        ortops.fast.cache_clear()
+    cpu = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if cpu:
+        assert bool(kernels & ortops.KERNELS["fp32"]) == (" avx512f" in cpu)
+        assert bool(kernels & ortops.KERNELS["int8"]) == (" avx512_vnni" in cpu and " avx512bw" in cpu)

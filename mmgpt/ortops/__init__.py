@@ -2,8 +2,9 @@
 
 The LLM decoder's matrix products (matmul.c), weights packed in the order their AVX512 kernels stream them:
 `mmgpt.MatMulPacked` (fp32, `pack_f32`) and `mmgpt.MatMulInt8` (int8 weights per output column, activations
-quantized per row, `pack_int8`). `register` adds them to an ONNX Runtime `SessionOptions`; CPUs without
-AVX512 run plain C loops (correct, slow).
+quantized per row, `pack_int8`). `register` adds them to an ONNX Runtime `SessionOptions`. Their vector
+kernels need AVX512F (fp32) and AVX512-VNNI (int8); elsewhere they run plain C loops (correct, but several times
+slower than ONNX Runtime's own MatMul), so the export uses them only where `fast` says so.
 """
 
 from __future__ import annotations
@@ -56,6 +57,31 @@ def available() -> bool:
         return True
     except RuntimeError:
         return False
+
+
+KERNELS = {"fp32": 1, "int8": 2}  # mmgpt_ortops_kernels()'s bits
+
+
+@lru_cache(maxsize=4)
+def fast(kind: str) -> bool:
+    """Should an export use the `kind` ("fp32" or "int8") operator here: it can be built and this CPU runs its
+    vector kernel. `MMGPT_ORTOPS=1` uses the operators regardless (tests of the export on any CPU), `=0` never.
+    An export is meant for the machine that serves it: one written where this is true and served on a CPU
+    without AVX512 runs the plain C loops (`runtime.llm_model` then warns)."""
+    force = os.environ.get("MMGPT_ORTOPS", "")
+    if force in ("0", "1"):
+        return force == "1" and available()
+    return available() and bool(kernels() & KERNELS[kind])
+
+
+def kernels() -> int:
+    """The vector kernels this CPU runs (KERNELS bits); 0 where the library cannot be built."""
+    import ctypes
+
+    try:
+        return int(ctypes.CDLL(str(library())).mmgpt_ortops_kernels())
+    except (RuntimeError, OSError, AttributeError):
+        return 0
 
 
 def register(opts) -> None:

@@ -26,6 +26,7 @@
    OrtCustomOp is declared field by field. The work is split over ONNX Runtime's own intra-op threads
    (KernelContext_ParallelFor), so no second thread pool competes with them for the cores. */
 #include <stddef.h>
+#include <stdio.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -367,8 +368,20 @@ static OrtStatus *compute_f32(void *kernel, OrtKernelContext *ctx) {
 
 static void compute_int8_v1(void *kernel, OrtKernelContext *ctx) { (void)compute_int8(kernel, ctx); }
 static void compute_f32_v1(void *kernel, OrtKernelContext *ctx) { (void)compute_f32(kernel, ctx); }
-static void *create_v1(const OrtCustomOp *op, const Fn *a, const OrtKernelInfo *info) { (void)op; (void)a; (void)info; return (void *)1; }
-static OrtStatus *create_v2(const OrtCustomOp *op, const Fn *a, const OrtKernelInfo *info, void **k) { (void)op; (void)a; (void)info; *k = (void *)1; return NULL; }
+static const char *name_int8(const OrtCustomOp *op);
+/* Once per process and operator: a graph exported where the vector kernels ran, opened on a CPU without them
+   (or with MMGPT_ORTOPS_PORTABLE), says so in the log instead of being silently several times slower. */
+static void warn_if_slow(const OrtCustomOp *op) {
+    static int warned[2];
+    int int8 = op->GetName == name_int8;
+    if ((int8 ? have_vnni : have_avx512) || warned[int8] || getenv("MMGPT_ORTOPS_PORTABLE")) return;
+    warned[int8] = 1;
+    fprintf(stderr, "mmgpt: this CPU lacks %s, so the decoder's mmgpt.%s runs plain C loops, several times slower "
+            "than ONNX Runtime's own kernels: export again on this machine (make export), which then keeps those\n",
+            int8 ? "AVX512-VNNI" : "AVX512F", int8 ? "MatMulInt8" : "MatMulPacked");
+}
+static void *create_v1(const OrtCustomOp *op, const Fn *a, const OrtKernelInfo *info) { (void)a; (void)info; warn_if_slow(op); return (void *)1; }
+static OrtStatus *create_v2(const OrtCustomOp *op, const Fn *a, const OrtKernelInfo *info, void **k) { (void)a; (void)info; warn_if_slow(op); *k = (void *)1; return NULL; }
 static void destroy(void *k) { (void)k; }
 static const char *name_int8(const OrtCustomOp *op) { (void)op; return "MatMulInt8"; }
 static const char *name_f32(const OrtCustomOp *op) { (void)op; return "MatMulPacked"; }
@@ -396,14 +409,24 @@ static OrtCustomOp ops[] = {
      no_pairs, release_pairs, no_pairs, release_pairs},
 };
 
+/* Which vector kernels this CPU runs (bit 0: fp32, AVX512F; bit 1: int8, AVX512-VNNI): where one is missing,
+   its operator runs plain C loops, several times slower than ONNX Runtime's own kernels (the export then
+   keeps those: mmgpt.ortops.fast). */
+__attribute__((visibility("default"))) int mmgpt_ortops_kernels(void) {
+    __builtin_cpu_init();
+    if (getenv("MMGPT_ORTOPS_PORTABLE")) return 0;
+    int f32 = __builtin_cpu_supports("avx512f");
+    int i8 = f32 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
+    return f32 | (i8 << 1);
+}
+
 /* the entry ONNX Runtime calls from SessionOptions.register_custom_ops_library */
 __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
     api = base->GetApi(API_VERSION);
     if (!api) return NULL; /* cannot even make a status: ONNX Runtime older than 1.17 */
-    __builtin_cpu_init();
-    int portable = getenv("MMGPT_ORTOPS_PORTABLE") != NULL; /* for tests: the plain C loops */
-    have_avx512 = __builtin_cpu_supports("avx512f") && !portable;
-    have_vnni = have_avx512 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
+    int kernels = mmgpt_ortops_kernels(); /* MMGPT_ORTOPS_PORTABLE (tests): the plain C loops */
+    have_avx512 = kernels & 1;
+    have_vnni = (kernels >> 1) & 1;
     static OrtCustomOpDomain *domain;
     if (!domain) {
         TRY(CALL(API_CreateCustomOpDomain, OrtStatus *(*)(const char *, OrtCustomOpDomain **))("mmgpt", &domain));
