@@ -259,11 +259,13 @@ def quantize_llm(fp32_path: Path, out_dir: Path, kind: str) -> tuple[str, str]:
     if kind == "int8" and ortops.fast("int8"):
         _int8_matmuls(load_plain(fp32_path), out_dir / onnx_file)
     elif kind == "int8":
+        import os
         import tempfile
 
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        why = "this CPU lacks AVX512-VNNI" if ortops.available() else "no C compiler"
+        why = "no C compiler" if not ortops.available() else (
+            "MMGPT_ORTOPS=0" if os.environ.get("MMGPT_ORTOPS") == "0" else "this CPU lacks AVX512-VNNI")
         print(f"int8: {why} for mmgpt.MatMulInt8, so ONNX Runtime's MatMulInteger", flush=True)
         precision = "int8 (ONNX Runtime dynamic quantization: int8 weights, per-call activations)"
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp:

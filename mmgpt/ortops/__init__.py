@@ -67,7 +67,7 @@ def fast(kind: str) -> bool:
     """Should an export use the `kind` ("fp32" or "int8") operator here: it can be built and this CPU runs its
     vector kernel. `MMGPT_ORTOPS=1` uses the operators regardless (tests of the export on any CPU), `=0` never.
     An export is meant for the machine that serves it: one written where this is true and served on a CPU
-    without AVX512 runs the plain C loops (`runtime.llm_model` then warns)."""
+    without AVX512 runs the plain C loops (the library then writes a warning to stderr, once per operator)."""
     force = os.environ.get("MMGPT_ORTOPS", "")
     if force in ("0", "1"):
         return force == "1" and available()
