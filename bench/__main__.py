@@ -63,8 +63,11 @@ def machine() -> dict:
         pass
     import os
 
+    from mmgpt import ortops
+
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "onnxruntime": onnxruntime.__version__}
+            "transformers": transformers.__version__, "onnxruntime": onnxruntime.__version__,
+            "decoder_operators": {k: ortops.fast(k) for k in ortops.KERNELS} | {"kernels": ortops.isa()}}
 
 
 def llm_section(cfg: BenchConfig, work: Path, results: dict) -> None:

@@ -265,7 +265,7 @@ def quantize_llm(fp32_path: Path, out_dir: Path, kind: str) -> tuple[str, str]:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         why = "no C compiler" if not ortops.available() else (
-            "MMGPT_ORTOPS=0" if os.environ.get("MMGPT_ORTOPS") == "0" else "this CPU lacks AVX512-VNNI")
+            "MMGPT_ORTOPS=0" if os.environ.get("MMGPT_ORTOPS") == "0" else "this CPU lacks its vector kernel's instructions")
         print(f"int8: {why} for mmgpt.MatMulInt8, so ONNX Runtime's MatMulInteger", flush=True)
         precision = "int8 (ONNX Runtime dynamic quantization: int8 weights, per-call activations)"
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp:

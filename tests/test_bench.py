@@ -149,6 +149,21 @@ def test_the_step_clock_pairs_each_step_with_the_probes_on_either_side():
     assert t.steps["gbs"] == [9.0, 6.0, 6.0] and len(t.steps["ms"]) == 3
 
 
+def test_slow_figures_stop_repeating_at_their_budget(monkeypatch):
+    """8 images through ViT-L/14-336 take ~25 s a call on 2 cores: such a figure is timed fewer times (after
+    its warm-up, at least once), the fast ones `repeats` times."""
+    from mmgpt.bench import llm as L
+
+    calls = []
+    for durations, want_timed, want in (([30.0, 1.0, 1.0], 1, 30.0), ([12.0, 9.0, 1.0], 2, 10.5),
+                                        ([1.0, 3.0, 2.0, 9.0], 3, 2.0)):
+        calls.clear()
+        it = iter(durations)
+        monkeypatch.setattr(L, "_seconds", lambda fn, it=it: (fn(), next(it))[1])
+        assert L.median_seconds(lambda: calls.append(1), repeats=3, budget_s=20.0) == want
+        assert len(calls) == 1 + want_timed  # the warm-up, then the timed calls
+
+
 def test_decode_timers_probe_the_bandwidth_beside_each_step(tiny_export):
     from mmgpt.bench.llm import BandwidthProbe, ort_decode
     from mmgpt.runtime import llm_model

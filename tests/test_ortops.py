@@ -1,8 +1,9 @@
 """The LLM decoder's ONNX Runtime operators (mmgpt.MatMulPacked, fp32, and mmgpt.MatMulInt8): each is its
-arithmetic on both of its kernels (AVX512 and the plain C loops), the layouts are what the kernels read, weights
-that do not fit are an error, and the export writes them into the decoder."""
+arithmetic on every kernel this CPU runs (AVX512, AVX2 and the plain C loops), the layouts are what the kernels
+read, weights that do not fit are an error, and the export writes them into the decoder."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -43,13 +44,28 @@ def _reference(a: np.ndarray, w: np.ndarray) -> np.ndarray:
     return out.reshape(*a.shape[:-1], w.shape[1])
 
 
-SHAPES = [((1, 64), 48), ((3, 37), 5), ((2, 9, 130), 33), ((1, 1, 2560), 160), ((20, 256), 100), ((0, 16), 16)]
+# AVX2: rows 1-2 in one pass, more in passes over chunks of 1,024 k (2,100: three, the last partial), the last
+# column block narrower than 16 (5, 33, 100, 40)
+SHAPES = [((1, 64), 48), ((3, 37), 5), ((2, 9, 130), 33), ((1, 1, 2560), 160), ((20, 256), 100), ((0, 16), 16),
+          ((5, 2100), 40), ((2, 2100), 16)]
 
 
-@pytest.mark.parametrize("portable", [False, True], ids=["vnni-if-present", "portable"])
-def test_matmul_int8_is_exactly_its_arithmetic(monkeypatch, portable):
-    if portable:  # the C loop every x86-64 CPU runs; without the variable, AVX512-VNNI where the CPU has it
-        monkeypatch.setenv("MMGPT_ORTOPS_PORTABLE", "1")
+def _kernels(monkeypatch, level: str) -> None:
+    """Cap the kernels the next session's operators run: "best" (this CPU's), "avx2", or "portable" (the C
+    loops every x86-64 CPU runs)."""
+    if level == "avx2" and ortops.ISAS.index(ortops.isa()) < ortops.ISAS.index("avx2"):
+        pytest.skip("this CPU has no AVX2 + FMA")
+    if level != "best":
+        monkeypatch.setenv("MMGPT_ORTOPS_ISA", level)
+        assert ortops.isa() == level
+
+
+LEVELS = ["best", "avx2", "portable"]
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_matmul_int8_is_exactly_its_arithmetic(monkeypatch, level):
+    _kernels(monkeypatch, level)
     rng = np.random.default_rng(0)
     for a_shape, n in SHAPES:
         w = rng.standard_normal((a_shape[-1], n)).astype(np.float32)
@@ -87,13 +103,15 @@ def test_weights_that_do_not_fit_are_an_error_not_a_crash():
     assert s.run(None, {"a": np.ones((1, 64), np.float32)})[0].shape == (1, 32)  # and the session still works
 
 
-F32_SHAPES = [((1, 64), 48), ((3, 37), 16), ((2, 9, 130), 32), ((1, 1, 2560), 160), ((20, 256), 96), ((0, 16), 16)]
+# rows 1-6 in one pass, 7-8 and 13 in groups (8: 4 + 4), K beyond one chunk of 256 with a remainder (600),
+# column blocks in and beyond whole groups of 4 (1, 2, 5, 6, 10 blocks)
+F32_SHAPES = [((1, 64), 48), ((3, 37), 16), ((2, 9, 130), 32), ((1, 1, 2560), 160), ((20, 256), 96), ((0, 16), 16),
+              ((1, 600), 80), ((7, 600), 32), ((8, 300), 96), ((13, 600), 16), ((6, 70), 32)]
 
 
-@pytest.mark.parametrize("portable", [False, True], ids=["avx512-if-present", "portable"])
-def test_matmul_packed_is_the_float_product(monkeypatch, portable):
-    if portable:
-        monkeypatch.setenv("MMGPT_ORTOPS_PORTABLE", "1")
+@pytest.mark.parametrize("level", LEVELS)
+def test_matmul_packed_is_the_float_product(monkeypatch, level):
+    _kernels(monkeypatch, level)
     rng = np.random.default_rng(3)
     for a_shape, n in F32_SHAPES:
         w = rng.standard_normal((a_shape[-1], n)).astype(np.float32)
@@ -155,9 +173,9 @@ def test_the_export_packs_the_decoders_linear_layers_and_the_quantizers_get_them
 
 
 def test_the_operators_are_used_only_where_their_kernels_run(monkeypatch):
-    """Without AVX512 the operators run plain C loops, several times slower than ONNX Runtime's MatMul (seen on
-    an AVX2 machine: a Phi-2-width prefill ~14 s instead of ~0.5 s): an export then keeps ONNX Runtime's.
-    MMGPT_ORTOPS forces either way."""
+    """Without their vector kernels the operators run plain C loops, several times slower than ONNX Runtime's
+    MatMul (seen on an AVX2 machine before its kernel was written: a Phi-2-width prefill ~14 s instead of
+    ~0.5 s): an export then keeps ONNX Runtime's. MMGPT_ORTOPS forces either way."""
     kernels = ortops.kernels()
     try:
         for force, want in (("", {k: bool(kernels & bit) for k, bit in ortops.KERNELS.items()}),
@@ -165,11 +183,45 @@ def test_the_operators_are_used_only_where_their_kernels_run(monkeypatch):
             monkeypatch.setenv("MMGPT_ORTOPS", force)
             ortops.fast.cache_clear()
             assert {k: ortops.fast(k) for k in ortops.KERNELS} == want, force
-        monkeypatch.setenv("MMGPT_ORTOPS_PORTABLE", "1")
-        assert ortops.kernels() == 0  # what the tests of the plain loops run
+        monkeypatch.setenv("MMGPT_ORTOPS_ISA", "portable")
+        assert ortops.kernels() == 0 and ortops.isa() == "portable"  # what the tests of the plain loops run
     finally:
         ortops.fast.cache_clear()
     cpu = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
     if cpu:
-        assert bool(kernels & ortops.KERNELS["fp32"]) == (" avx512f" in cpu)
-        assert bool(kernels & ortops.KERNELS["int8"]) == (" avx512_vnni" in cpu and " avx512bw" in cpu)
+        flags = set(next(x for x in cpu.splitlines() if x.startswith("flags")).split(":", 1)[1].split())
+        avx2 = {"avx2", "fma"} <= flags
+        assert bool(kernels & ortops.KERNELS["fp32"]) == ("avx512f" in flags)  # the AVX2 kernels lost to ORT's
+        assert bool(kernels & ortops.KERNELS["int8"]) == ({"avx512f", "avx512_vnni", "avx512bw"} <= flags)
+        monkeypatch.delenv("MMGPT_ORTOPS_ISA")
+        assert ortops.isa() == ("avx512-vnni" if {"avx512f", "avx512_vnni", "avx512bw"} <= flags else
+                                "avx512" if avx2 and "avx512f" in flags else "avx2" if avx2 else "portable")
+
+
+@pytest.mark.parametrize("op", ["MatMulPacked", "MatMulInt8"])
+def test_a_graph_opened_without_its_fast_kernel_says_so_once(op):
+    """A decoder exported on an AVX512 machine and served on one without: the log says which kernel runs
+    instead and what to do (export again), once per operator while the library is loaded, not per session;
+    nothing where the kernel runs."""
+    import subprocess
+    import sys
+
+    code = f"""
+import numpy as np, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_ortops import _session
+w = np.ones((32, 16), np.float32)
+kept = [_session(w, op={op!r}) for _ in range(2)]  # the library stays loaded while a session holds it
+for s in kept:
+    s.run(None, {{"a": np.ones((1, 32), np.float32)}})
+"""
+    env = {k: v for k, v in os.environ.items() if k != "MMGPT_ORTOPS_ISA"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = [x for x in run.stderr.splitlines() if x.startswith("mmgpt:")]
+    fast = bool(ortops.kernels() & ortops.KERNELS["int8" if op == "MatMulInt8" else "fp32"])
+    if fast:
+        assert not lines
+    else:
+        assert len(lines) == 1 and f"mmgpt.{op}" in lines[0] and "make export" in lines[0]
+        assert ("AVX2 kernel" in lines[0]) == (ortops.isa() != "portable")

@@ -1,10 +1,13 @@
 """ONNX Runtime custom operators of this project, compiled on first use (a C compiler is all they need).
 
-The LLM decoder's matrix products (matmul.c), weights packed in the order their AVX512 kernels stream them:
+The LLM decoder's matrix products (matmul.c), weights packed in the order their vector kernels stream them:
 `mmgpt.MatMulPacked` (fp32, `pack_f32`) and `mmgpt.MatMulInt8` (int8 weights per output column, activations
-quantized per row, `pack_int8`). `register` adds them to an ONNX Runtime `SessionOptions`. Their vector
-kernels need AVX512F (fp32) and AVX512-VNNI (int8); elsewhere they run plain C loops (correct, but several times
-slower than ONNX Runtime's own MatMul), so the export uses them only where `fast` says so.
+quantized per row, `pack_int8`). `register` adds them to an ONNX Runtime `SessionOptions`. Each has three
+kernels: AVX512 (AVX512F for fp32, AVX512-VNNI for int8), AVX2 + FMA, and plain C loops. The export uses an
+operator only where its AVX512 kernel runs (`fast`): the AVX2 ones did not beat ONNX Runtime's own kernels
+(matmul.c says by how much); they keep a graph exported on an AVX512 machine usable on an AVX2 one, where the
+C loops were several times slower. `MMGPT_ORTOPS_ISA=avx2` or `=portable` caps the kernels a process runs
+(the tests run each on any CPU).
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ def fast(kind: str) -> bool:
     """Should an export use the `kind` ("fp32" or "int8") operator here: it can be built and this CPU runs its
     vector kernel. `MMGPT_ORTOPS=1` uses the operators regardless (tests of the export on any CPU), `=0` never.
     An export is meant for the machine that serves it: one written where this is true and served on a CPU
-    without AVX512 runs the plain C loops (the library then writes a warning to stderr, once per operator)."""
+    without the kernel runs the AVX2 kernel or the plain C loops (the library then writes a warning to stderr)."""
     force = os.environ.get("MMGPT_ORTOPS", "")
     if force in ("0", "1"):
         return force == "1" and available()
@@ -82,6 +85,19 @@ def kernels() -> int:
         return int(ctypes.CDLL(str(library())).mmgpt_ortops_kernels())
     except (RuntimeError, OSError, AttributeError):
         return 0
+
+
+ISAS = ("portable", "avx2", "avx512", "avx512-vnni")  # mmgpt_ortops_isa()'s levels
+
+
+def isa() -> str:
+    """The kernels the operators run on this CPU (an ISAS name), for logs and the bench's settings."""
+    import ctypes
+
+    try:
+        return ISAS[int(ctypes.CDLL(str(library())).mmgpt_ortops_isa())]
+    except (RuntimeError, OSError, AttributeError, IndexError):
+        return "unavailable"
 
 
 def register(opts) -> None:

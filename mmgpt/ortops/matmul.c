@@ -69,7 +69,20 @@ enum { ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 };
 enum { T_FLOAT = 1, T_INT8 = 3, T_INT32 = 6 };
 #define AVX512 __attribute__((target("avx512f")))
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
-static int have_avx512, have_vnni; /* read when a session registers the operators */
+#define AVX2 __attribute__((target("avx2,fma")))
+/* The kernels this CPU runs, read when a session registers the operators: AVX512 (fp32 on AVX512F, int8 on
+   AVX512-VNNI), AVX2 + FMA, or the plain C loops. MMGPT_ORTOPS_ISA=avx2 or portable caps it (tests run each). */
+enum { ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_VNNI = 3 };
+/* The least level at which the export uses each operator (mmgpt_ortops_kernels): where its kernel beat ONNX
+   Runtime's own. The AVX2 kernels did not, on an AMD EPYC at Phi-2 width (4 layers, 2 threads, alternated):
+   fp32 tied at 1 row (0.80 against 0.81 of the bandwidth bound), won a little at 8 rows (0.56 against 0.54),
+   and a 113-row prefill took 1.3x as long; int8 read 0.70 of the bound at 1 row against MatMulInteger's 0.61,
+   but its prefill took 1.6x as long (exact int16 products, half the multiplies per instruction of the
+   saturating vpmaddubsw ONNX Runtime uses). They serve graphs exported on an AVX512 machine, and
+   MMGPT_ORTOPS=1, instead of the plain C loops. */
+#define F32_FAST ISA_AVX512
+#define INT8_FAST ISA_VNNI
+static int isa;
 
 static const Fn *api;
 #define CALL(idx, type) ((type)api[idx])
@@ -108,6 +121,7 @@ typedef struct OrtCustomOp {
 
 typedef struct {
     const uint8_t *aq;      /* (M, K4) quantized rows */
+    const int16_t *aw;      /* (M, K4) the same as int16, for the AVX2 kernel (NULL elsewhere) */
     const float *sa;        /* (M,) row scales */
     const int32_t *za;      /* (M,) row zero points */
     const int8_t *w;        /* packed weights */
@@ -190,9 +204,109 @@ VNNI static void block_vnni(const Job *j, int64_t nb) {
     if (j->M > m) rows_vnni[j->M - m](j, nb, m);
 }
 
-static void run_block(void *job, size_t nb) {
-    if (have_vnni) block_vnni((const Job *)job, (int64_t)nb);
-    else block_scalar((const Job *)job, (int64_t)nb);
+/* AVX2: 16 weights sign-extended to int16 (vpmovsxbw) times the row's activations as int16, pairs added into
+   int32 (vpmaddwd). Exact, unlike vpmaddubsw, whose int16 pair sums saturate (255 * 127 * 2 > 32767). A 64-byte
+   group (16 columns x 4 of k) is four such products; each 32-bit lane then holds half of one column's sum
+   (lanes 2c and 2c + 1 of the four registers: columns 4i + c), added at the end. Two rows fill 13 of the 16
+   registers, so more rows take passes over chunks of the block (the fp32 kernel's reason), their int32 sums
+   kept in y between chunks. */
+#ifndef KC4
+#define KC4 256 /* groups of 4 k per chunk: 16 KB of weights */
+#endif
+__attribute__((always_inline, target("avx2,fma"))) static inline void rows_i8_avx2(
+    const Job *j, int64_t nb, int64_t m0, int64_t g0, int64_t g1, const int R) {
+    const int64_t G4 = j->K4 / 4;
+    const int8_t *p = j->w + (nb * G4 + g0) * 64;
+    const int64_t *a = (const int64_t *)(j->aw + m0 * j->K4); /* one row's 4 activations of a group: 8 bytes */
+    __m256i x0 = _mm256_setzero_si256(), x1 = x0, x2 = x0, x3 = x0, y0 = x0, y1 = x0, y2 = x0, y3 = x0;
+    for (int64_t g = g0; g < g1; g++, p += 64) {
+        _mm_prefetch((const char *)p + PF, HINT);
+        __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
+        __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 16)));
+        __m256i w2 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 32)));
+        __m256i w3 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 48)));
+        __m256i v = _mm256_set1_epi64x(a[g]);
+        x0 = _mm256_add_epi32(x0, _mm256_madd_epi16(w0, v));
+        x1 = _mm256_add_epi32(x1, _mm256_madd_epi16(w1, v));
+        x2 = _mm256_add_epi32(x2, _mm256_madd_epi16(w2, v));
+        x3 = _mm256_add_epi32(x3, _mm256_madd_epi16(w3, v));
+        if (R > 1) {
+            v = _mm256_set1_epi64x(a[G4 + g]);
+            y0 = _mm256_add_epi32(y0, _mm256_madd_epi16(w0, v));
+            y1 = _mm256_add_epi32(y1, _mm256_madd_epi16(w1, v));
+            y2 = _mm256_add_epi32(y2, _mm256_madd_epi16(w2, v));
+            y3 = _mm256_add_epi32(y3, _mm256_madd_epi16(w3, v));
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        __m256i s0 = r ? y0 : x0, s1 = r ? y1 : x1, s2 = r ? y2 : x2, s3 = r ? y3 : x3;
+        /* hadd pairs within 128-bit lanes: [c0 c1 c4 c5 | c2 c3 c6 c7] -> columns in order */
+        __m256i lo = _mm256_permute4x64_epi64(_mm256_hadd_epi32(s0, s1), 0xD8);
+        __m256i hi = _mm256_permute4x64_epi64(_mm256_hadd_epi32(s2, s3), 0xD8);
+        int32_t acc[16], *part = (int32_t *)(j->y + (m0 + r) * j->N + nb * 16); /* int32 sums so far, in y's place */
+        int64_t n = j->N - nb * 16 < 16 ? j->N - nb * 16 : 16; /* the last block may be narrower */
+        _mm256_storeu_si256((__m256i *)acc, lo), _mm256_storeu_si256((__m256i *)(acc + 8), hi);
+        if (g0) for (int64_t c = 0; c < n; c++) acc[c] += part[c];
+        if (g1 == G4) finish(j, m0 + r, nb * 16, acc);
+        else memcpy(part, acc, (size_t)n * sizeof(int32_t));
+    }
+}
+AVX2 static void row1_i8_avx2(const Job *j, int64_t nb, int64_t m0, int64_t g0, int64_t g1) { rows_i8_avx2(j, nb, m0, g0, g1, 1); }
+AVX2 static void rows2_i8_avx2(const Job *j, int64_t nb, int64_t m0, int64_t g0, int64_t g1) { rows_i8_avx2(j, nb, m0, g0, g1, 2); }
+
+/* One row, up to STREAMS8 column blocks at once (more weight streams in flight per core, as rowf1g_avx2) */
+#define STREAMS8 3
+AVX2 static void row1g_i8_avx2(const Job *j, int64_t nb, int64_t nblocks) {
+    const int64_t G4 = j->K4 / 4;
+    const int8_t *base = j->w + nb * G4 * 64;
+    const int64_t *a = (const int64_t *)j->aw;
+#define ST(b) const int8_t *p##b = nblocks > b ? base + b * G4 * 64 : base; \
+    __m256i s##b##0 = _mm256_setzero_si256(), s##b##1 = s##b##0, s##b##2 = s##b##0, s##b##3 = s##b##0;
+    ST(0) ST(1) ST(2)
+#undef ST
+    for (int64_t g = 0; g < G4; g++) {
+        __m256i v = _mm256_set1_epi64x(a[g]);
+#define ST(b) if (STREAMS8 > b) {                                                                                      \
+        _mm_prefetch((const char *)p##b + PF, HINT);                                                                  \
+        s##b##0 = _mm256_add_epi32(s##b##0, _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p##b)), v));        \
+        s##b##1 = _mm256_add_epi32(s##b##1, _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p##b + 16))), v)); \
+        s##b##2 = _mm256_add_epi32(s##b##2, _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p##b + 32))), v)); \
+        s##b##3 = _mm256_add_epi32(s##b##3, _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p##b + 48))), v)); \
+        p##b += 64; }
+        ST(0) ST(1) ST(2)
+#undef ST
+    }
+#define ST(b) if (STREAMS8 > b && nblocks > b) {                                                                       \
+        int32_t acc[16];                                                                                              \
+        _mm256_storeu_si256((__m256i *)acc, _mm256_permute4x64_epi64(_mm256_hadd_epi32(s##b##0, s##b##1), 0xD8));      \
+        _mm256_storeu_si256((__m256i *)(acc + 8), _mm256_permute4x64_epi64(_mm256_hadd_epi32(s##b##2, s##b##3), 0xD8)); \
+        finish(j, 0, (nb + b) * 16, acc); }
+    ST(0) ST(1) ST(2)
+#undef ST
+}
+
+static void block_i8_avx2(const Job *j, int64_t nb) {
+    int64_t G4 = j->K4 / 4;
+    if (j->M <= 2) { (j->M == 1 ? row1_i8_avx2 : rows2_i8_avx2)(j, nb, 0, 0, G4); return; }
+    for (int64_t g0 = 0; g0 < G4; g0 += KC4) {
+        int64_t g1 = g0 + KC4 < G4 ? g0 + KC4 : G4, m = 0;
+        for (; m + 2 <= j->M; m += 2) rows2_i8_avx2(j, nb, m, g0, g1);
+        if (m < j->M) row1_i8_avx2(j, nb, m, g0, g1);
+    }
+}
+
+static void run_block(const Job *j, int64_t nb) {
+    if (isa == ISA_VNNI) block_vnni(j, nb);
+    else if (isa >= ISA_AVX2) block_i8_avx2(j, nb);
+    else block_scalar(j, nb);
+}
+
+/* ONNX Runtime's threads share out groups of STREAMS8 column blocks */
+static void run_group(void *job, size_t g) {
+    const Job *j = job;
+    int64_t nb = (int64_t)g * STREAMS8, n = (j->N + 15) / 16 - nb;
+    if ((isa == ISA_AVX2 || isa == ISA_AVX512) && j->M == 1) { row1g_i8_avx2(j, nb, n < STREAMS8 ? n : STREAMS8); return; }
+    for (int64_t b = nb; b < nb + STREAMS8 && b < (j->N + 15) / 16; b++) run_block(j, b);
 }
 
 /* per-row asymmetric uint8 quantization; the range always holds 0 so zero stays exact */
@@ -278,8 +392,125 @@ AVX512 static void blockf_avx512(const JobF *j, int64_t nb) {
     if (j->M > m) rows_f[j->M - m](j, nb, m);
 }
 
+/* AVX2 + FMA: a block's 16 columns are two 8-float registers, so 16 registers hold at most 6 rows' sums. Rows
+   beyond 6 take several passes over the block, so the block is then walked in chunks of KC rows of k (KC x 64
+   bytes stay in L1/L2 for the next group of rows) instead of once from memory per group: a 16-column block of
+   the MLP's second product is 640 KB. Each call adds k0..k1 into y (or starts it at zero when k0 is 0). */
+#ifndef KC
+#define KC 256
+#endif
+
+AVX2 static void rowf1_avx2(const JobF *j, int64_t nb, int64_t m, int64_t k0, int64_t k1) {
+    const float *p = j->w + (nb * j->K + k0) * 16, *a = j->a + m * j->K;
+    float *y = j->y + m * j->N + nb * 16;
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0, s4 = s0, s5 = s0, s6 = s0, s7 = s0;
+    if (k0) s0 = _mm256_loadu_ps(y), s1 = _mm256_loadu_ps(y + 8);
+    int64_t k = k0;
+    for (; k + 4 <= k1; k += 4, p += 64) {
+        _mm_prefetch((const char *)p + PF, HINT);
+        _mm_prefetch((const char *)p + PF + 64, HINT);
+        _mm_prefetch((const char *)p + PF + 128, HINT);
+        _mm_prefetch((const char *)p + PF + 192, HINT);
+        __m256 a0 = _mm256_broadcast_ss(a + k), a1 = _mm256_broadcast_ss(a + k + 1);
+        __m256 a2 = _mm256_broadcast_ss(a + k + 2), a3 = _mm256_broadcast_ss(a + k + 3);
+        s0 = _mm256_fmadd_ps(a0, _mm256_loadu_ps(p), s0);
+        s1 = _mm256_fmadd_ps(a0, _mm256_loadu_ps(p + 8), s1);
+        s2 = _mm256_fmadd_ps(a1, _mm256_loadu_ps(p + 16), s2);
+        s3 = _mm256_fmadd_ps(a1, _mm256_loadu_ps(p + 24), s3);
+        s4 = _mm256_fmadd_ps(a2, _mm256_loadu_ps(p + 32), s4);
+        s5 = _mm256_fmadd_ps(a2, _mm256_loadu_ps(p + 40), s5);
+        s6 = _mm256_fmadd_ps(a3, _mm256_loadu_ps(p + 48), s6);
+        s7 = _mm256_fmadd_ps(a3, _mm256_loadu_ps(p + 56), s7);
+    }
+    for (; k < k1; k++, p += 16) {
+        __m256 a0 = _mm256_broadcast_ss(a + k);
+        s0 = _mm256_fmadd_ps(a0, _mm256_loadu_ps(p), s0);
+        s1 = _mm256_fmadd_ps(a0, _mm256_loadu_ps(p + 8), s1);
+    }
+    _mm256_storeu_ps(y, _mm256_add_ps(_mm256_add_ps(s0, s2), _mm256_add_ps(s4, s6)));
+    _mm256_storeu_ps(y + 8, _mm256_add_ps(_mm256_add_ps(s1, s3), _mm256_add_ps(s5, s7)));
+}
+
+/* R rows (R <= 6) in named registers: with arrays of them GCC kept every sum in memory */
+__attribute__((always_inline, target("avx2,fma"))) static inline void rowsf_avx2(
+    const JobF *j, int64_t nb, int64_t m0, int64_t k0, int64_t k1, const int R) {
+    const int64_t K = j->K, N = j->N;
+    const float *p = j->w + (nb * K + k0) * 16, *a = j->a + m0 * K;
+    float *y = j->y + m0 * N + nb * 16;
+    __m256 l0 = _mm256_setzero_ps(), h0 = l0, l1 = l0, h1 = l0, l2 = l0, h2 = l0, l3 = l0, h3 = l0, l4 = l0, h4 = l0, l5 = l0, h5 = l0;
+    for (int64_t k = k0; k < k1; k++, p += 16) {
+        _mm_prefetch((const char *)p + PF, HINT);
+        __m256 w0 = _mm256_loadu_ps(p), w1 = _mm256_loadu_ps(p + 8), x;
+#define ROW(r) if (R > r) x = _mm256_broadcast_ss(a + r * K + k), l##r = _mm256_fmadd_ps(x, w0, l##r), h##r = _mm256_fmadd_ps(x, w1, h##r);
+        ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5)
+#undef ROW
+    }
+#define ROW(r)                                                                                               \
+    if (R > r) {                                                                                             \
+        if (k0) l##r = _mm256_add_ps(l##r, _mm256_loadu_ps(y + r * N)), h##r = _mm256_add_ps(h##r, _mm256_loadu_ps(y + r * N + 8)); \
+        _mm256_storeu_ps(y + r * N, l##r), _mm256_storeu_ps(y + r * N + 8, h##r);                           \
+    }
+    ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5)
+#undef ROW
+}
+/* One row, STREAMS column blocks at once: four sequential weight streams per core instead of one. With one,
+   a core kept too few reads in flight on an AMD EPYC (~17 GB/s where ONNX Runtime's GEMV, which reads many rows
+   of W at a time, reached ~28); with four both were at ~25-30, 10-90% apart run to run on that machine. */
+#define STREAMS 4
+AVX2 static void rowf1g_avx2(const JobF *j, int64_t nb, int64_t nblocks) {
+    const int64_t K = j->K;
+    const float *a = j->a, *base = j->w + nb * K * 16;
+    float *y = j->y + nb * 16;
+    /* blocks past the last are read again from the first (their sums are not stored): one loop for every count */
+#define ST(b) const float *p##b = nblocks > b ? base + b * K * 16 : base; __m256 l##b = _mm256_setzero_ps(), h##b = l##b;
+    ST(0) ST(1) ST(2) ST(3)
+#undef ST
+    for (int64_t k = 0; k < K; k++) {
+        __m256 x = _mm256_broadcast_ss(a + k);
+#define ST(b) _mm_prefetch((const char *)p##b + PF, HINT), l##b = _mm256_fmadd_ps(x, _mm256_loadu_ps(p##b), l##b), \
+              h##b = _mm256_fmadd_ps(x, _mm256_loadu_ps(p##b + 8), h##b), p##b += 16;
+        ST(0) ST(1) ST(2) ST(3)
+#undef ST
+    }
+#define ST(b) if (nblocks > b) _mm256_storeu_ps(y + b * 16, l##b), _mm256_storeu_ps(y + b * 16 + 8, h##b);
+    ST(0) ST(1) ST(2) ST(3)
+#undef ST
+}
+
+#define ROWSF_AVX2(R) \
+    AVX2 static void rowsf##R##_avx2(const JobF *j, int64_t nb, int64_t m0, int64_t k0, int64_t k1) { rowsf_avx2(j, nb, m0, k0, k1, R); }
+ROWSF_AVX2(2) ROWSF_AVX2(3) ROWSF_AVX2(4) ROWSF_AVX2(5) ROWSF_AVX2(6)
+
+static void (*const rows_f_avx2[7])(const JobF *, int64_t, int64_t, int64_t, int64_t) = {
+    NULL, rowf1_avx2, rowsf2_avx2, rowsf3_avx2, rowsf4_avx2, rowsf5_avx2, rowsf6_avx2};
+
+static void run_blockf(void *job, size_t nb);
+static void blockf_avx2(const JobF *j, int64_t nb) {
+    if (j->M <= 6) { rows_f_avx2[j->M](j, nb, 0, 0, j->K); return; } /* decoding: one pass, from memory */
+    /* groups as even as they can be (8 rows: 4 + 4, not 6 + 2): a group of R rows has 2R independent sums, and
+       below 4 rows their multiply-adds wait on each other's latency instead of filling both FMA units */
+    int64_t groups = (j->M + 5) / 6;
+    for (int64_t k0 = 0; k0 < j->K; k0 += KC) {
+        int64_t k1 = k0 + KC < j->K ? k0 + KC : j->K;
+        for (int64_t g = 0, m = 0; g < groups; g++) {
+            int64_t r = (j->M - m) / (groups - g); /* the rows left, shared out among the groups left */
+            rows_f_avx2[r](j, nb, m, k0, k1);
+            m += r;
+        }
+    }
+}
+
+/* ONNX Runtime's threads share out groups of STREAMS column blocks */
+static void run_groupf(void *job, size_t g) {
+    const JobF *j = job;
+    int64_t nb = (int64_t)g * STREAMS, n = j->N / 16 - nb;
+    if (isa == ISA_AVX2 && j->M == 1) { rowf1g_avx2(j, nb, n < STREAMS ? n : STREAMS); return; }
+    for (int64_t b = nb; b < nb + STREAMS && b < j->N / 16; b++) run_blockf(job, (size_t)b);
+}
+
 static void run_blockf(void *job, size_t nb) {
-    if (have_avx512) blockf_avx512((const JobF *)job, (int64_t)nb);
+    if (isa >= ISA_AVX512) blockf_avx512((const JobF *)job, (int64_t)nb);
+    else if (isa == ISA_AVX2) blockf_avx2((const JobF *)job, (int64_t)nb);
     else blockf_scalar((const JobF *)job, (int64_t)nb);
 }
 
@@ -340,9 +571,14 @@ static OrtStatus *compute_int8(void *kernel, OrtKernelContext *ctx) {
     int32_t *za = malloc((size_t)M * sizeof(int32_t));
     if (!aq || !sa || !za) { free(aq); free(sa); free(za); return status(ORT_FAIL, "MatMulInt8: out of memory"); }
     quantize_rows(a, M, K, K4, aq, sa, za);
-    Job job = {aq, sa, za, w, s, c, y, M, K4, N};
-    OrtStatus *st = CALL(API_KernelContext_ParallelFor, ParallelFor)(ctx, run_block, (size_t)wd[0], NBATCH, &job);
-    free(aq); free(sa); free(za);
+    int16_t *aw = NULL;
+    if (isa == ISA_AVX2 || isa == ISA_AVX512) {
+        if (!(aw = malloc((size_t)(M * K4) * sizeof(int16_t)))) { free(aq); free(sa); free(za); return status(ORT_FAIL, "MatMulInt8: out of memory"); }
+        for (int64_t i = 0; i < M * K4; i++) aw[i] = aq[i];
+    }
+    Job job = {aq, aw, sa, za, w, s, c, y, M, K4, N};
+    OrtStatus *st = CALL(API_KernelContext_ParallelFor, ParallelFor)(ctx, run_group, (size_t)(wd[0] + STREAMS8 - 1) / STREAMS8, NBATCH, &job);
+    free(aq); free(aw); free(sa); free(za);
     return st;
 }
 
@@ -363,22 +599,28 @@ static OrtStatus *compute_f32(void *kernel, OrtKernelContext *ctx) {
     TRY(data(A, &a)); TRY(data(W, &w)); TRY(data(Y, &y));
     if (M == 0 || N == 0) return NULL;
     JobF job = {a, w, y, M, K, N};
-    return CALL(API_KernelContext_ParallelFor, ParallelFor)(ctx, run_blockf, (size_t)wd[0], NBATCH, &job);
+    return CALL(API_KernelContext_ParallelFor, ParallelFor)(ctx, run_groupf, (size_t)(wd[0] + STREAMS - 1) / STREAMS, NBATCH, &job);
 }
 
 static void compute_int8_v1(void *kernel, OrtKernelContext *ctx) { (void)compute_int8(kernel, ctx); }
 static void compute_f32_v1(void *kernel, OrtKernelContext *ctx) { (void)compute_f32(kernel, ctx); }
 static const char *name_int8(const OrtCustomOp *op);
-/* Once per process and operator: a graph exported where the vector kernels ran, opened on a CPU without them
-   (or with MMGPT_ORTOPS_PORTABLE), says so in the log instead of being silently several times slower. */
+/* Once per operator while the library is loaded: a graph exported where the operator's fast kernel ran, opened
+   on a CPU without it, says so in the log instead of being silently slower (not when MMGPT_ORTOPS_ISA asked). */
 static void warn_if_slow(const OrtCustomOp *op) {
     static int warned[2];
     int int8 = op->GetName == name_int8;
-    if ((int8 ? have_vnni : have_avx512) || warned[int8] || getenv("MMGPT_ORTOPS_PORTABLE")) return;
+    if (isa >= (int8 ? INT8_FAST : F32_FAST) || warned[int8] || getenv("MMGPT_ORTOPS_ISA")) return;
     warned[int8] = 1;
-    fprintf(stderr, "mmgpt: this CPU lacks %s, so the decoder's mmgpt.%s runs plain C loops, several times slower "
-            "than ONNX Runtime's own kernels: export again on this machine (make export), which then keeps those\n",
-            int8 ? "AVX512-VNNI" : "AVX512F", int8 ? "MatMulInt8" : "MatMulPacked");
+    const char *name = int8 ? "MatMulInt8" : "MatMulPacked";
+    if (isa >= ISA_AVX2)
+        fprintf(stderr, "mmgpt: this CPU lacks %s, so the decoder's mmgpt.%s runs its AVX2 kernel, whose prefill is "
+                "~1.3-1.6x slower than ONNX Runtime's own kernels: export again on this machine (make export), "
+                "which then keeps those\n", int8 ? "AVX512-VNNI" : "AVX512F", name);
+    else
+        fprintf(stderr, "mmgpt: this CPU lacks AVX2 and FMA, so the decoder's mmgpt.%s runs plain C loops, several "
+                "times slower than ONNX Runtime's own kernels: export again on this machine (make export), which "
+                "then keeps those\n", name);
 }
 static void *create_v1(const OrtCustomOp *op, const Fn *a, const OrtKernelInfo *info) { (void)a; (void)info; warn_if_slow(op); return (void *)1; }
 static OrtStatus *create_v2(const OrtCustomOp *op, const Fn *a, const OrtKernelInfo *info, void **k) { (void)a; (void)info; warn_if_slow(op); *k = (void *)1; return NULL; }
@@ -409,24 +651,35 @@ static OrtCustomOp ops[] = {
      no_pairs, release_pairs, no_pairs, release_pairs},
 };
 
-/* Which vector kernels this CPU runs (bit 0: fp32, AVX512F; bit 1: int8, AVX512-VNNI): where one is missing,
-   its operator runs plain C loops, several times slower than ONNX Runtime's own kernels (the export then
-   keeps those: mmgpt.ortops.fast). */
-__attribute__((visibility("default"))) int mmgpt_ortops_kernels(void) {
+static int detect_isa(void) {
     __builtin_cpu_init();
-    if (getenv("MMGPT_ORTOPS_PORTABLE")) return 0;
-    int f32 = __builtin_cpu_supports("avx512f");
-    int i8 = f32 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
-    return f32 | (i8 << 1);
+    int level = ISA_PORTABLE;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) level = ISA_AVX2;
+    if (level == ISA_AVX2 && __builtin_cpu_supports("avx512f")) level = ISA_AVX512;
+    if (level == ISA_AVX512 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw")) level = ISA_VNNI;
+    const char *cap = getenv("MMGPT_ORTOPS_ISA"); /* tests: the AVX2 kernels or the plain C loops on any CPU */
+    if (cap && !strcmp(cap, "portable")) level = ISA_PORTABLE;
+    if (cap && !strcmp(cap, "avx2") && level > ISA_AVX2) level = ISA_AVX2;
+    return level;
 }
+
+/* Which operators run a vector kernel on this CPU (bit 0: fp32, bit 1: int8): without one, an operator runs
+   plain C loops, several times slower than ONNX Runtime's own kernels (the export then keeps those:
+   mmgpt.ortops.fast). */
+__attribute__((visibility("default"))) int mmgpt_ortops_kernels(void) {
+    int level = detect_isa();
+    return (level >= F32_FAST) | ((level >= INT8_FAST) << 1);
+}
+
+/* The kernels the operators run here: 0 the plain C loops, 1 AVX2 + FMA, 2 AVX512F (fp32; int8 then on AVX2),
+   3 AVX512F + AVX512-VNNI. */
+__attribute__((visibility("default"))) int mmgpt_ortops_isa(void) { return detect_isa(); }
 
 /* the entry ONNX Runtime calls from SessionOptions.register_custom_ops_library */
 __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
     api = base->GetApi(API_VERSION);
     if (!api) return NULL; /* cannot even make a status: ONNX Runtime older than 1.17 */
-    int kernels = mmgpt_ortops_kernels(); /* MMGPT_ORTOPS_PORTABLE (tests): the plain C loops */
-    have_avx512 = kernels & 1;
-    have_vnni = (kernels >> 1) & 1;
+    isa = detect_isa();
     static OrtCustomOpDomain *domain;
     if (!domain) {
         TRY(CALL(API_CreateCustomOpDomain, OrtStatus *(*)(const char *, OrtCustomOpDomain **))("mmgpt", &domain));
