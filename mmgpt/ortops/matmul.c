@@ -400,37 +400,6 @@ AVX512 static void blockf_avx512(const JobF *j, int64_t nb) {
 #define KC 256
 #endif
 
-AVX2 static void rowf1_avx2(const JobF *j, int64_t nb, int64_t m, int64_t k0, int64_t k1) {
-    const float *p = j->w + (nb * j->K + k0) * 16, *a = j->a + m * j->K;
-    float *y = j->y + m * j->N + nb * 16;
-    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0, s4 = s0, s5 = s0, s6 = s0, s7 = s0;
-    if (k0) s0 = _mm256_loadu_ps(y), s1 = _mm256_loadu_ps(y + 8);
-    int64_t k = k0;
-    for (; k + 4 <= k1; k += 4, p += 64) {
-        _mm_prefetch((const char *)p + PF, HINT);
-        _mm_prefetch((const char *)p + PF + 64, HINT);
-        _mm_prefetch((const char *)p + PF + 128, HINT);
-        _mm_prefetch((const char *)p + PF + 192, HINT);
-        __m256 a0 = _mm256_broadcast_ss(a + k), a1 = _mm256_broadcast_ss(a + k + 1);
-        __m256 a2 = _mm256_broadcast_ss(a + k + 2), a3 = _mm256_broadcast_ss(a + k + 3);
-        s0 = _mm256_fmadd_ps(a0, _mm256_loadu_ps(p), s0);
-        s1 = _mm256_fmadd_ps(a0, _mm256_loadu_ps(p + 8), s1);
-        s2 = _mm256_fmadd_ps(a1, _mm256_loadu_ps(p + 16), s2);
-        s3 = _mm256_fmadd_ps(a1, _mm256_loadu_ps(p + 24), s3);
-        s4 = _mm256_fmadd_ps(a2, _mm256_loadu_ps(p + 32), s4);
-        s5 = _mm256_fmadd_ps(a2, _mm256_loadu_ps(p + 40), s5);
-        s6 = _mm256_fmadd_ps(a3, _mm256_loadu_ps(p + 48), s6);
-        s7 = _mm256_fmadd_ps(a3, _mm256_loadu_ps(p + 56), s7);
-    }
-    for (; k < k1; k++, p += 16) {
-        __m256 a0 = _mm256_broadcast_ss(a + k);
-        s0 = _mm256_fmadd_ps(a0, _mm256_loadu_ps(p), s0);
-        s1 = _mm256_fmadd_ps(a0, _mm256_loadu_ps(p + 8), s1);
-    }
-    _mm256_storeu_ps(y, _mm256_add_ps(_mm256_add_ps(s0, s2), _mm256_add_ps(s4, s6)));
-    _mm256_storeu_ps(y + 8, _mm256_add_ps(_mm256_add_ps(s1, s3), _mm256_add_ps(s5, s7)));
-}
-
 /* R rows (R <= 6) in named registers: with arrays of them GCC kept every sum in memory */
 __attribute__((always_inline, target("avx2,fma"))) static inline void rowsf_avx2(
     const JobF *j, int64_t nb, int64_t m0, int64_t k0, int64_t k1, const int R) {
@@ -479,10 +448,10 @@ AVX2 static void rowf1g_avx2(const JobF *j, int64_t nb, int64_t nblocks) {
 
 #define ROWSF_AVX2(R) \
     AVX2 static void rowsf##R##_avx2(const JobF *j, int64_t nb, int64_t m0, int64_t k0, int64_t k1) { rowsf_avx2(j, nb, m0, k0, k1, R); }
-ROWSF_AVX2(2) ROWSF_AVX2(3) ROWSF_AVX2(4) ROWSF_AVX2(5) ROWSF_AVX2(6)
+ROWSF_AVX2(1) ROWSF_AVX2(2) ROWSF_AVX2(3) ROWSF_AVX2(4) ROWSF_AVX2(5) ROWSF_AVX2(6)
 
 static void (*const rows_f_avx2[7])(const JobF *, int64_t, int64_t, int64_t, int64_t) = {
-    NULL, rowf1_avx2, rowsf2_avx2, rowsf3_avx2, rowsf4_avx2, rowsf5_avx2, rowsf6_avx2};
+    NULL, rowsf1_avx2, rowsf2_avx2, rowsf3_avx2, rowsf4_avx2, rowsf5_avx2, rowsf6_avx2};
 
 static void run_blockf(void *job, size_t nb);
 static void blockf_avx2(const JobF *j, int64_t nb) {
