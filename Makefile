@@ -106,9 +106,9 @@ toy: install
 toy-eval: install
 	$(PY) -m mmgpt.toy.evaluate
 
-# llama-cpp-python compiles llama.cpp from source on first install (~5-12 min on 2 cores); not part of `install`
-# llama-cpp-python is compiled from source: only the libraries it loads (bench/llamacpp-lite.cmake says why),
-# ~3 minutes on 2 cores instead of ~6.5; CMAKE_ARGS of your own come after these and win
+# llama-cpp-python compiles llama.cpp from source on first install, not part of `install`: only the libraries
+# it loads (bench/llamacpp-lite.cmake says why), ~3 min on 2 cores instead of ~6.5; your own CMAKE_ARGS come
+# after these and win
 LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DCMAKE_PROJECT_llama.cpp_INCLUDE=$(CURDIR)/bench/llamacpp-lite.cmake
 $(VENV)/.bench-installed: $(VENV)/.installed
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $$CMAKE_ARGS" $(PY) -m pip install --quiet -e '.[dev,bench]'

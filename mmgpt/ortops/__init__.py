@@ -77,14 +77,20 @@ def fast(kind: str) -> bool:
     return available() and bool(kernels() & KERNELS[kind])
 
 
-def kernels() -> int:
-    """The vector kernels this CPU runs (KERNELS bits); 0 where the library cannot be built."""
+def _ask(function: str) -> int | None:
+    """An int the library's `function` returns (it reads this CPU and MMGPT_ORTOPS_ISA); None where the
+    library cannot be built or loaded."""
     import ctypes
 
     try:
-        return int(ctypes.CDLL(str(library())).mmgpt_ortops_kernels())
+        return int(getattr(ctypes.CDLL(str(library())), function)())
     except (RuntimeError, OSError, AttributeError):
-        return 0
+        return None
+
+
+def kernels() -> int:
+    """The operators whose fast kernel this CPU runs (KERNELS bits); 0 where the library cannot be built."""
+    return _ask("mmgpt_ortops_kernels") or 0
 
 
 ISAS = ("portable", "avx2", "avx512", "avx512-vnni")  # mmgpt_ortops_isa()'s levels
@@ -92,12 +98,8 @@ ISAS = ("portable", "avx2", "avx512", "avx512-vnni")  # mmgpt_ortops_isa()'s lev
 
 def isa() -> str:
     """The kernels the operators run on this CPU (an ISAS name), for logs and the bench's settings."""
-    import ctypes
-
-    try:
-        return ISAS[int(ctypes.CDLL(str(library())).mmgpt_ortops_isa())]
-    except (RuntimeError, OSError, AttributeError, IndexError):
-        return "unavailable"
+    level = _ask("mmgpt_ortops_isa")
+    return ISAS[level] if level is not None and 0 <= level < len(ISAS) else "unavailable"
 
 
 def register(opts) -> None:

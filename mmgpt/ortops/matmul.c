@@ -206,13 +206,21 @@ VNNI static void block_vnni(const Job *j, int64_t nb) {
 
 /* AVX2: 16 weights sign-extended to int16 (vpmovsxbw) times the row's activations as int16, pairs added into
    int32 (vpmaddwd). Exact, unlike vpmaddubsw, whose int16 pair sums saturate (255 * 127 * 2 > 32767). A 64-byte
-   group (16 columns x 4 of k) is four such products; each 32-bit lane then holds half of one column's sum
-   (lanes 2c and 2c + 1 of the four registers: columns 4i + c), added at the end. Two rows fill 13 of the 16
+   group (16 columns x 4 of k) is four such products; each 32-bit lane then holds half of one column's sum,
+   added at the end (column_sums_avx2). Two rows fill 13 of the 16
    registers, so more rows take passes over chunks of the block (the fp32 kernel's reason), their int32 sums
    kept in y between chunks. */
 #ifndef KC4
 #define KC4 256 /* groups of 4 k per chunk: 16 KB of weights */
 #endif
+/* The four pair-sum registers of one row's 16 columns (lanes 2c and 2c + 1 hold halves of a column's sum) ->
+   16 int32 column sums in order: hadd pairs within 128-bit lanes gives [c0 c1 c4 c5 | c2 c3 c6 c7], then
+   the 64-bit quarters are put back in order */
+AVX2 static inline void column_sums_avx2(__m256i s0, __m256i s1, __m256i s2, __m256i s3, int32_t *acc) {
+    _mm256_storeu_si256((__m256i *)acc, _mm256_permute4x64_epi64(_mm256_hadd_epi32(s0, s1), 0xD8));
+    _mm256_storeu_si256((__m256i *)(acc + 8), _mm256_permute4x64_epi64(_mm256_hadd_epi32(s2, s3), 0xD8));
+}
+
 __attribute__((always_inline, target("avx2,fma"))) static inline void rows_i8_avx2(
     const Job *j, int64_t nb, int64_t m0, int64_t g0, int64_t g1, const int R) {
     const int64_t G4 = j->K4 / 4;
@@ -239,13 +247,10 @@ __attribute__((always_inline, target("avx2,fma"))) static inline void rows_i8_av
         }
     }
     for (int r = 0; r < R; r++) {
-        __m256i s0 = r ? y0 : x0, s1 = r ? y1 : x1, s2 = r ? y2 : x2, s3 = r ? y3 : x3;
-        /* hadd pairs within 128-bit lanes: [c0 c1 c4 c5 | c2 c3 c6 c7] -> columns in order */
-        __m256i lo = _mm256_permute4x64_epi64(_mm256_hadd_epi32(s0, s1), 0xD8);
-        __m256i hi = _mm256_permute4x64_epi64(_mm256_hadd_epi32(s2, s3), 0xD8);
         int32_t acc[16], *part = (int32_t *)(j->y + (m0 + r) * j->N + nb * 16); /* int32 sums so far, in y's place */
         int64_t n = j->N - nb * 16 < 16 ? j->N - nb * 16 : 16; /* the last block may be narrower */
-        _mm256_storeu_si256((__m256i *)acc, lo), _mm256_storeu_si256((__m256i *)(acc + 8), hi);
+        if (r) column_sums_avx2(y0, y1, y2, y3, acc);
+        else column_sums_avx2(x0, x1, x2, x3, acc);
         if (g0) for (int64_t c = 0; c < n; c++) acc[c] += part[c];
         if (g1 == G4) finish(j, m0 + r, nb * 16, acc);
         else memcpy(part, acc, (size_t)n * sizeof(int32_t));
@@ -278,8 +283,7 @@ AVX2 static void row1g_i8_avx2(const Job *j, int64_t nb, int64_t nblocks) {
     }
 #define ST(b) if (STREAMS8 > b && nblocks > b) {                                                                       \
         int32_t acc[16];                                                                                              \
-        _mm256_storeu_si256((__m256i *)acc, _mm256_permute4x64_epi64(_mm256_hadd_epi32(s##b##0, s##b##1), 0xD8));      \
-        _mm256_storeu_si256((__m256i *)(acc + 8), _mm256_permute4x64_epi64(_mm256_hadd_epi32(s##b##2, s##b##3), 0xD8)); \
+        column_sums_avx2(s##b##0, s##b##1, s##b##2, s##b##3, acc);                                                     \
         finish(j, 0, (nb + b) * 16, acc); }
     ST(0) ST(1) ST(2)
 #undef ST
@@ -632,9 +636,9 @@ static int detect_isa(void) {
     return level;
 }
 
-/* Which operators run a vector kernel on this CPU (bit 0: fp32, bit 1: int8): without one, an operator runs
-   plain C loops, several times slower than ONNX Runtime's own kernels (the export then keeps those:
-   mmgpt.ortops.fast). */
+/* Which operators run their fast kernel on this CPU (bit 0: fp32, bit 1: int8; F32_FAST, INT8_FAST): without
+   it, an operator runs its AVX2 kernel or the plain C loops, slower than ONNX Runtime's own kernels (the export
+   then keeps those: mmgpt.ortops.fast). */
 __attribute__((visibility("default"))) int mmgpt_ortops_kernels(void) {
     int level = detect_isa();
     return (level >= F32_FAST) | ((level >= INT8_FAST) << 1);
