@@ -18,8 +18,6 @@ WINDOW_S = 30.0
 
 def vision(name: str, work: Path, threads: int, batches: tuple[int, ...], repeats: int) -> dict:
     """Images/s of CLIP `name` + projector (to Phi-2's width) at each batch: PyTorch, ORT fp32, ORT int8."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     from mmgpt import names
     from mmgpt.checkpoint import Components
     from mmgpt.config import MMGPTConfig
@@ -39,15 +37,11 @@ def vision(name: str, work: Path, threads: int, batches: tuple[int, ...], repeat
     processor = CLIPImageProcessor(size={"shortest_edge": v["image_size"]},
                                    crop_size={"height": v["image_size"], "width": v["image_size"]})
     out = work / f"vision-{name}"
-    export_vision(Components(config, model, None, processor, None, None, None), out, "bench")
-    quantize_dynamic(str(out / names.VISION_ONNX), str(out / "vision.int8.onnx"), weight_type=QuantType.QInt8)
+    export_vision(Components(config, model, None, processor, None, None, None), out, "bench", int8=True)  # INT8=1's files
     torch.set_num_threads(threads)
     wrapper = VisionForExport(model).eval()
-    fp32 = OrtVision(out, threads)
-    int8 = OrtVision(out, threads)
-    from mmgpt.runtime import ort_session
-
-    int8.session = ort_session(out / "vision.int8.onnx", threads)
+    fp32 = OrtVision(out, threads, names.VISION_ONNX)
+    int8 = OrtVision(out, threads, names.VISION_INT8_ONNX)
     s = v["image_size"]
     result = {"image_tokens": config.num_image_tokens, "image_size": s}
     for b in batches:

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 
 def greedy_agreement(work: Path, questions: int, threads: int, progress: bool = True) -> dict:
-    """Export the embedded default (vision + LLM at fp32, int8 and 4-bit), answer `questions` held-out vqa
+    """Export the embedded default (vision at fp32 and int8, LLM at fp32, int8 and 4-bit), answer `questions` held-out vqa
     questions greedily with each decoder, and compare each quantized answer with fp32's.
 
     Returns the fraction of identical answers per precision and each one's accuracy against the references.
@@ -40,12 +40,14 @@ def greedy_agreement(work: Path, questions: int, threads: int, progress: bool = 
     config = MMGPTConfig.load(d)
     tokenizer = AutoTokenizer.from_pretrained(d / names.TOKENIZER_DIR)
     processor = CLIPImageProcessor.from_pretrained(d / names.VISION_DIR)
-    vision = OrtVision(d / names.VISION_DIR, threads)
+    vision = {f: OrtVision(d / names.VISION_DIR, threads, f) for f in (names.VISION_ONNX, names.VISION_INT8_ONNX)}
     params = SamplingParams(max_tokens=64)
     answers: dict[str, list[str]] = {}
-    for kind, onnx_file in (("fp32", names.LLM_ONNX), ("int8", names.LLM_INT8_ONNX), ("int4", names.LLM_INT4_ONNX)):
+    # each precision as its export serves it: INT8=1 quantizes the vision encoder too, INT4=1 the LLM only
+    for kind, onnx_file, encoder in (("fp32", names.LLM_ONNX, names.VISION_ONNX), ("int8", names.LLM_INT8_ONNX, names.VISION_INT8_ONNX),
+                                     ("int4", names.LLM_INT4_ONNX, names.VISION_ONNX)):
         llm = llm_model(d / names.LLM_DIR, threads, onnx_file)
-        bot = Assistant(config, tokenizer, processor, encode_image=vision, new_decoder=llm.decoder)
+        bot = Assistant(config, tokenizer, processor, encode_image=vision[encoder], new_decoder=llm.decoder)
         answers[kind] = [
             bot.ask(r["question"], image=(world / "images" / r["image"]).read_bytes(), params=params).text
             for r in tqdm(rows, desc=f"greedy answers {kind}", unit="q", disable=not progress)

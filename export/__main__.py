@@ -42,7 +42,7 @@ def main(checkpoint: str | None = None, out: str = "artifacts/export", int8: boo
     src = str(source.resolve())
     print(f"exporting {src} -> {out_dir}", flush=True)
     if "vision" in only:
-        export_vision(c, staging / names.VISION_DIR, src)
+        export_vision(c, staging / names.VISION_DIR, src, int8=int8)
     if "llm" in only:
         export_llm(c, staging / names.LLM_DIR, src, int8=int8, int4=int4, kv=kv)
     if "whisper" in only:
@@ -69,7 +69,7 @@ def cli(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", help="checkpoint directory (default: the embedded default, the trained toy world)")
     p.add_argument("--out", default="artifacts/export", help="export directory (default artifacts/export)")
     q = p.add_mutually_exclusive_group()
-    q.add_argument("--int8", action="store_true", help="also write int8 dynamically quantized LLM decoder and Whisper files and serve them")
+    q.add_argument("--int8", action="store_true", help="also write int8 dynamically quantized vision encoder, LLM decoder and Whisper files and serve them")
     q.add_argument("--int4", action="store_true", help="also write a 4-bit weight-only LLM decoder and serve it")
     p.add_argument("--kv", choices=("shared", "concat"), default="shared",
                    help="LLM decoder: 'shared' (GroupQueryAttention: the KV cache is written in place, rows keep their "

@@ -7,6 +7,7 @@ from __future__ import annotations
 EXPORT_CONFIG = "export_config.json"  # in every engine dir: precision, tensor names/shapes, source, versions
 VISION_DIR = "vision"
 VISION_ONNX = "encoder.onnx"
+VISION_INT8_ONNX = "encoder.int8.onnx"  # `make export INT8=1`: int8 MatMul/Gemm weights, served instead on a CPU
 VISION_TRT_CACHE = "tensorrt"  # in the vision dir: ONNX Runtime's TensorRT engine cache (`export --gpu`)
 LLM_DIR = "llm"
 LLM_ONNX = "decoder.onnx"

@@ -81,15 +81,28 @@ def vision_providers(engine_dir: Path, available: list[str], max_batch: int = 8)
     return out
 
 
-class OrtVision:
-    """CLIP + projector: (B, 3, S, S) -> (B, N, D); a TensorRT engine on a GPU host (`vision_providers`)."""
+def vision_onnx_file(engine_dir: Path, providers: list) -> str:
+    """The encoder file to open: the export's choice (`onnx_file`: the int8 twin after `make export INT8=1`) on a
+    CPU, the fp32 file where a GPU provider runs it (TensorRT builds its fp16 engine from that file, and the int8
+    graph's dynamic quantization would run on the CPU)."""
+    gpu = {"TensorrtExecutionProvider", "CUDAExecutionProvider"}
+    if any((p[0] if isinstance(p, tuple) else p) in gpu for p in providers):
+        return names.VISION_ONNX
+    config = engine_dir / names.EXPORT_CONFIG
+    return json.loads(config.read_text()).get("onnx_file", names.VISION_ONNX) if config.is_file() else names.VISION_ONNX
 
-    def __init__(self, engine_dir: str | Path, threads: int | None = None):
+
+class OrtVision:
+    """CLIP + projector: (B, 3, S, S) -> (B, N, D); a TensorRT engine on a GPU host (`vision_providers`).
+    `onnx_file` overrides the export's choice (`vision_onnx_file`)."""
+
+    def __init__(self, engine_dir: str | Path, threads: int | None = None, onnx_file: str | None = None):
         import onnxruntime as ort
 
         engine_dir = Path(engine_dir)
         providers = vision_providers(engine_dir, ort.get_available_providers())
-        self.session = ort_session(engine_dir / names.VISION_ONNX, threads, providers)
+        self.onnx_file = onnx_file or vision_onnx_file(engine_dir, providers)
+        self.session = ort_session(engine_dir / self.onnx_file, threads, providers)
 
     def __call__(self, pixel_values: np.ndarray) -> np.ndarray:
         return self.session.run([names.IMAGE_EMBEDS], {names.PIXEL_VALUES: pixel_values.astype(np.float32)})[0]

@@ -137,6 +137,32 @@ def test_int8_switch_serves_an_int8_whisper(tiny_checkpoint, tmp_path):
     assert len(transcribe_ids(whisper, feats, speech)) > 0
 
 
+def test_int8_switch_serves_an_int8_vision_encoder(tiny_checkpoint, tmp_path):
+    """`make export INT8=1` writes the int8 twin of the vision encoder, names it in the config and the runtime opens
+    it on a CPU; a GPU provider gets the fp32 file (TensorRT builds from it); the prompt-table rows stay close."""
+    from mmgpt.runtime import OrtVision, vision_onnx_file
+
+    out = export_main(str(tiny_checkpoint), str(tmp_path / "q"), int8=True, only=("vision",)) / names.VISION_DIR
+    rec = json.loads((out / names.EXPORT_CONFIG).read_text())
+    assert rec["onnx_file"] == names.VISION_INT8_ONNX and rec["precision"].startswith("int8")
+    assert sum(p["check"].startswith("vision int8") for p in rec["parity"]) == 2  # judged, reported
+    graph = onnx.load(str(out / names.VISION_INT8_ONNX)).graph
+    weights = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2}
+    ops = {n.op_type for n in graph.node}
+    assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops, sorted(ops)
+    assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]  # none left in fp32
+    assert vision_onnx_file(out, ["CPUExecutionProvider"]) == names.VISION_INT8_ONNX
+    assert vision_onnx_file(out, [("TensorrtExecutionProvider", {}), "CPUExecutionProvider"]) == names.VISION_ONNX
+    assert vision_onnx_file(out, ["CUDAExecutionProvider", "CPUExecutionProvider"]) == names.VISION_ONNX
+    int8, fp32 = OrtVision(out), OrtVision(out, onnx_file=names.VISION_ONNX)
+    assert int8.onnx_file == names.VISION_INT8_ONNX
+    s = rec["image_size"]
+    pixels = np.random.default_rng(0).standard_normal((2, 3, s, s)).astype(np.float32)
+    want, got = fp32(pixels), int8(pixels)
+    assert got.shape == want.shape and not np.array_equal(got, want)  # a different graph really ran
+    assert (want * got).sum() / (np.linalg.norm(want) * np.linalg.norm(got)) > 0.99
+
+
 def test_parity_failure_is_loud():
     with pytest.raises(ParityError, match="llm logits 2.000e-01 > 1e-03"):
         check([Parity("vision", 1e-7, 1e-4), Parity("llm logits", 0.2, 1e-3)])

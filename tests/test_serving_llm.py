@@ -157,6 +157,25 @@ def test_a_long_prompt_is_read_in_chunks_while_running_rows_keep_decoding(stage,
     assert s1.ids == alone(stage, short) and s2.ids == alone(stage, long)
 
 
+def test_prompts_shorter_than_a_chunk_are_read_whole(stage, tokenizer, monkeypatch):
+    """Shared-KV: an iteration's leftover budget does not start a prompt it cannot finish (each read streams every
+    weight, so a split prompt pays for a second pass); it is read whole next iteration."""
+    if not getattr(stage.model, "shared_kv", False):
+        pytest.skip("the traced decoder prefills whole prompts")
+    requests = make_requests(stage, tokenizer, 3)
+    reads, run = [], stage.model.run
+    monkeypatch.setattr(stage.model, "run", lambda embeds, *a: reads.append(embeds.shape[1]) or run(embeds, *a))
+    longest = max(len(r.input_ids) for r in requests)
+    b = stage.batcher(4, prefill_chunk=longest + longest // 2)  # room for one prompt and half of the next
+    sinks = [ListSink() for _ in requests]
+    for r, sink in zip(requests, sinks):
+        b.submit(r, sink)
+    b.run_until_idle()
+    assert sorted(n for n in reads if n > 1) == sorted(len(r.input_ids) for r in requests)  # one read each
+    for r, sink in zip(requests, sinks):
+        assert sink.ids == alone(stage, r), r.request_id
+
+
 def test_streaming_sends_each_token_and_non_streaming_one_chunk(stage, tokenizer):
     streamed, whole = make_requests(stage, tokenizer, 2)
     whole = GenerationRequest(**{**whole.__dict__, "streaming": False})
