@@ -48,6 +48,22 @@ def check(results: list[Parity]) -> None:
         raise ParityError("export parity failed: " + "; ".join(f"{r.name} {r.max_abs_diff:.3e} > {r.tolerance:.0e}" for r in failed))
 
 
+def quantize_matmuls_int8(src: Path, dst: Path) -> None:
+    """ONNX Runtime's dynamic quantization of a graph's MatMul/Gemm weights to int8 (activations quantized per
+    call; convolutions stay fp32), without the quantizer's advice to pre-process (meant for static quantization)."""
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+    finally:
+        root.setLevel(level)
+
+
 def versions() -> dict:
     import onnx
     import onnxruntime

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from mmgpt import names
 from mmgpt.checkpoint import Components
-from mmgpt.export.common import Parity, check, max_diff, write_export_config
+from mmgpt.export.common import Parity, check, max_diff, quantize_matmuls_int8, write_export_config
 
 TOLERANCE = 1e-4
 
@@ -28,18 +28,7 @@ def quantize_vision(out_dir: Path) -> str:
     """Write the int8 twin of the encoder (dynamic quantization of its MatMul/Gemm weights, activations per call;
     the patch convolution stays fp32) -> its name. A CPU runs the ViT's GEMMs compute-bound, so int8 kernels
     speed up the image's part of the time to first token (CLIP ViT-B/32, batch 1: 1.5x on a 2-core AVX2 CPU)."""
-    import logging
-
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # the quantizer's advice to pre-process is for static quantization
-    try:
-        quantize_dynamic(str(out_dir / names.VISION_ONNX), str(out_dir / names.VISION_INT8_ONNX),
-                         weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
-    finally:
-        root.setLevel(level)
+    quantize_matmuls_int8(out_dir / names.VISION_ONNX, out_dir / names.VISION_INT8_ONNX)
     return names.VISION_INT8_ONNX
 
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from mmgpt import names
 from mmgpt.checkpoint import Components
-from mmgpt.export.common import Parity, check, max_diff, write_export_config
+from mmgpt.export.common import Parity, check, max_diff, quantize_matmuls_int8, write_export_config
 
 TOLERANCE = 1e-3
 
@@ -27,19 +27,8 @@ def quantize_whisper(out_dir: Path) -> tuple[str, str, str]:
     """Write int8 twins of the three ONNX files (dynamic quantization of MatMul/Gemm weights, activations per
     call; the convolutions stay fp32) -> their names. On a CPU the encoder's GEMMs are compute-bound, so int8
     kernels (VNNI) halve its time; it is what faster-whisper runs on CPUs by default (CTranslate2 int8)."""
-    import logging
-
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # the quantizer's advice to pre-process is for static quantization
-    try:
-        for fp32, int8 in names.WHISPER_INT8_ONNX.items():
-            quantize_dynamic(str(out_dir / fp32), str(out_dir / int8), weight_type=QuantType.QInt8,
-                             op_types_to_quantize=["MatMul", "Gemm"])
-    finally:
-        root.setLevel(level)
+    for fp32, int8 in names.WHISPER_INT8_ONNX.items():
+        quantize_matmuls_int8(out_dir / fp32, out_dir / int8)
     return tuple(names.WHISPER_INT8_ONNX.values())
 
 
