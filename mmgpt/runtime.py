@@ -88,8 +88,8 @@ def vision_onnx_file(engine_dir: Path, providers: list) -> str:
     gpu = {"TensorrtExecutionProvider", "CUDAExecutionProvider"}
     if any((p[0] if isinstance(p, tuple) else p) in gpu for p in providers):
         return names.VISION_ONNX
-    config = engine_dir / names.EXPORT_CONFIG
-    return json.loads(config.read_text()).get("onnx_file", names.VISION_ONNX) if config.is_file() else names.VISION_ONNX
+    record = read_export_config(engine_dir) if (engine_dir / names.EXPORT_CONFIG).is_file() else {}
+    return record.get("onnx_file", names.VISION_ONNX)
 
 
 class OrtVision:

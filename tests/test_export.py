@@ -74,6 +74,12 @@ def test_whisper_transcript_equals_pytorch(reference, exported):
     assert want and exported.transcribe(buf.getvalue()) == want
 
 
+def fp32_weight_matmuls(graph) -> list[str]:
+    """Names of the MatMul nodes of `graph` whose weight is a 2-D fp32 initializer (none after int8 quantization)."""
+    weights = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2}
+    return [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+
+
 @pytest.mark.parametrize("force", ["", "1"], ids=["this-cpu", "operators-forced"])
 def test_int8_switch(tiny_checkpoint, tmp_path, monkeypatch, request, force):
     """INT8=1: mmgpt.MatMulInt8 where this CPU runs its kernel (or MMGPT_ORTOPS=1), else ONNX Runtime's
@@ -93,13 +99,12 @@ def test_int8_switch(tiny_checkpoint, tmp_path, monkeypatch, request, force):
     fp32 = (out / names.LLM_DIR / names.LLM_ONNX).stat().st_size
     assert (out / names.LLM_DIR / names.LLM_INT8_ONNX).stat().st_size < fp32
     graph = onnx.load(str(out / names.LLM_DIR / names.LLM_INT8_ONNX)).graph
-    weights = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2}
     ops = {n.op_type for n in graph.node}
     if ortops.fast("int8"):
         assert "MatMulInt8" in ops  # mmgpt's operator (a C compiler and AVX512-VNNI are here)
     else:
         assert "MatMulInt8" not in ops and ("MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops), sorted(ops)
-    assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]  # none left in fp32
+    assert not fp32_weight_matmuls(graph)  # none left in fp32
     model = llm_model(out / names.LLM_DIR)
     assert isinstance(model, OrtSharedKVModel)  # the default layout
     logits = model.decoder().prefill(np.array([1, 2, 3]), None)
@@ -147,10 +152,9 @@ def test_int8_switch_serves_an_int8_vision_encoder(tiny_checkpoint, tmp_path):
     assert rec["onnx_file"] == names.VISION_INT8_ONNX and rec["precision"].startswith("int8")
     assert sum(p["check"].startswith("vision int8") for p in rec["parity"]) == 2  # judged, reported
     graph = onnx.load(str(out / names.VISION_INT8_ONNX)).graph
-    weights = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2}
     ops = {n.op_type for n in graph.node}
     assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops, sorted(ops)
-    assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]  # none left in fp32
+    assert not fp32_weight_matmuls(graph)  # none left in fp32
     assert vision_onnx_file(out, ["CPUExecutionProvider"]) == names.VISION_INT8_ONNX
     assert vision_onnx_file(out, [("TensorrtExecutionProvider", {}), "CPUExecutionProvider"]) == names.VISION_ONNX
     assert vision_onnx_file(out, ["CUDAExecutionProvider", "CPUExecutionProvider"]) == names.VISION_ONNX
