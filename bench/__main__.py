@@ -231,7 +231,8 @@ def whisper_section(cfg: BenchConfig, work: Path, results: dict) -> None:
     from .encoders import whisper
 
     log("Whisper base: one 30 s window + decoding, ORT vs transformers vs CTranslate2 fp32/int8")
-    results["whisper"] = whisper(work, cfg.threads, cfg.repeats)
+    # at least 5 rounds: a round is ~7 s here (five engines), and the ratios are medians over them
+    results["whisper"] = whisper(work, cfg.threads, max(cfg.repeats, 5))
 
 
 def served_section(cfg: BenchConfig, work: Path, results: dict) -> None:

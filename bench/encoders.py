@@ -5,12 +5,13 @@ and int8 (`make export INT8=1`)."""
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .llm import median_seconds
+from .llm import interleaved_seconds, median_seconds
 
 WHISPER_TOKENS = 64  # decoded per window: every engine is made to produce exactly this many (end token suppressed)
 WINDOW_S = 30.0
@@ -94,22 +95,13 @@ def whisper(work: Path, threads: int, repeats: int) -> dict:
     result = {"tokens": WHISPER_TOKENS, "window_s": WINDOW_S}
 
     ort = OrtWhisper(ort_dir, threads)
-
-    def run_ort():
-        assert len(transcribe_ids(ort, feats, speech)) == WHISPER_TOKENS
-
-    result["ort_fp32_rtf"] = median_seconds(run_ort, repeats) / WINDOW_S
-
     # `make export INT8=1`'s Whisper: the same export's int8 twins (what faster-whisper's int8 is compared with)
     ort8 = OrtWhisper(ort_dir, threads, files=quantize_whisper(ort_dir))
-
-    def run_ort8():
-        assert len(transcribe_ids(ort8, feats, speech)) == WHISPER_TOKENS
-
-    result["ort_int8_rtf"] = median_seconds(run_ort8, repeats) / WINDOW_S
-
     prompt = torch.tensor([list(speech.prompt_ids)])
     tf = torch.from_numpy(feats)
+
+    def run_ort(engine):
+        assert len(transcribe_ids(engine, feats, speech)) == WHISPER_TOKENS
 
     def run_hf():
         with torch.no_grad():
@@ -117,23 +109,30 @@ def whisper(work: Path, threads: int, repeats: int) -> dict:
                                  do_sample=False, suppress_tokens=list(speech.suppress_ids))
         assert out.shape[1] == WHISPER_TOKENS, out.shape  # Whisper's generate() returns the new tokens only
 
-    result["transformers_fp32_rtf"] = median_seconds(run_hf, repeats) / WINDOW_S
+    def run_ct2(ct2, sv):
+        # CTranslate2 decodes at most min(max_length / 2, max_length - prompt) tokens (OpenAI's sample length
+        # rule, CTranslate2 issue 1856): twice the tokens wanted gives exactly them
+        r = ct2.generate(sv, [list(speech.prompt_ids)], max_length=2 * WHISPER_TOKENS,
+                         suppress_tokens=list(speech.suppress_ids), suppress_blank=False, beam_size=1,
+                         return_no_speech_prob=False)
+        assert len(r[0].sequences_ids[0]) == WHISPER_TOKENS, len(r[0].sequences_ids[0])
 
+    # Timed in turns, every engine once a round (the ratios are taken within a round), in two groups: ONNX Runtime
+    # with transformers, then, once CTranslate2 is loaded, ours at int8 again with it. Once CTranslate2 had run in
+    # the process, transformers' calls took ~1.2x as long (and ours ~1.1x), even 0.5 s after it.
+    rounds = [interleaved_seconds({"ort_fp32": lambda: run_ort(ort), "ort_int8": lambda: run_ort(ort8),
+                                   "transformers_fp32": run_hf}, repeats)]
+    sv, ct2_runs = ctranslate2.StorageView.from_array(feats), {"ort_int8": lambda: run_ort(ort8)}
     for compute in ("float32", "int8"):
         ct2_dir = work / f"whisper-base-ct2-{compute}"
         if not (ct2_dir / "model.bin").is_file():
             ctranslate2.converters.TransformersConverter(str(hf_dir)).convert(
                 str(ct2_dir), quantization=None if compute == "float32" else "int8", force=True)
         ct2 = ctranslate2.models.Whisper(str(ct2_dir), device="cpu", compute_type=compute, intra_threads=threads)
-        sv = ctranslate2.StorageView.from_array(feats)
-
-        def run_ct2(ct2=ct2, sv=sv):
-            # CTranslate2 decodes at most min(max_length / 2, max_length - prompt) tokens (OpenAI's sample length
-            # rule, CTranslate2 issue 1856): twice the tokens wanted gives exactly them
-            r = ct2.generate(sv, [list(speech.prompt_ids)], max_length=2 * WHISPER_TOKENS,
-                             suppress_tokens=list(speech.suppress_ids), suppress_blank=False, beam_size=1,
-                             return_no_speech_prob=False)
-            assert len(r[0].sequences_ids[0]) == WHISPER_TOKENS, len(r[0].sequences_ids[0])
-
-        result[f"ctranslate2_{compute}_rtf"] = median_seconds(run_ct2, repeats) / WINDOW_S
+        ct2_runs[f"ctranslate2_{compute}"] = lambda ct2=ct2: run_ct2(ct2, sv)
+    rounds.append(interleaved_seconds(ct2_runs, repeats))
+    result["rtf_rounds"] = [{name: [t / WINDOW_S for t in ts] for name, ts in group.items()} for group in rounds]
+    for group in result["rtf_rounds"]:
+        for name, rtfs in group.items():
+            result.setdefault(f"{name}_rtf", statistics.median(rtfs))  # ours at int8: beside transformers
     return result

@@ -139,6 +139,26 @@ def median_seconds(fn, repeats: int, budget_s: float = 20.0) -> float:
     return statistics.median(times)
 
 
+def interleaved_seconds(runs: dict, rounds: int, pause_s: float = 0.1) -> dict[str, list[float]]:
+    """Seconds of each engine's call in `runs` (name -> callable), timed in turns: one warm-up call each, then
+    `rounds` rounds that time every engine once, the order rotated each round. This machine's speed moves for
+    seconds at a time; timed one engine after the other, a ratio of their medians could divide a fast stretch
+    by a slow one, where a ratio taken within a round compares engines timed side by side.
+
+    Each call waits `pause_s` first: an engine's threads spin-wait for tens of milliseconds after it returns
+    (ONNX Runtime's, OpenMP's), and would share the cores with the next engine's call."""
+    names = list(runs)
+    for name in names:
+        runs[name]()
+    out: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            time.sleep(pause_s)
+            out[name].append(_seconds(runs[name]))
+    return out
+
+
 def onnx_weight_bytes(path: Path) -> int:
     """Bytes of every initializer of a graph (external data included): what one decode step streams."""
     import onnx

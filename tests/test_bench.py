@@ -164,6 +164,38 @@ def test_slow_figures_stop_repeating_at_their_budget(monkeypatch):
         assert len(calls) == 1 + want_timed  # the warm-up, then the timed calls
 
 
+def test_engines_are_timed_in_turns_with_a_pause_before_each(monkeypatch):
+    """Whisper's engines: a warm-up each, then rounds that time every engine once, the order rotated."""
+    from mmgpt.bench import llm as L
+
+    calls, events = [], []
+    clock = iter(float(i) for i in range(1, 100))
+    monkeypatch.setattr(L, "_seconds", lambda fn: (fn(), next(clock))[1])
+    monkeypatch.setattr(L.time, "sleep", lambda s: events.append(("pause", s)))
+    runs = {name: (lambda name=name: (calls.append(name), events.append(("run", name)))) for name in "abc"}
+    out = L.interleaved_seconds(runs, rounds=3, pause_s=0.1)
+    assert calls == ["a", "b", "c"] + ["a", "b", "c"] + ["b", "c", "a"] + ["c", "a", "b"]
+    assert out == {"a": [1.0, 6.0, 8.0], "b": [2.0, 4.0, 9.0], "c": [3.0, 5.0, 7.0]}
+    timed = events[3:]  # after the warm-ups, every timed call follows a pause
+    assert timed[0::2] == [("pause", 0.1)] * 9 and all(e[0] == "run" for e in timed[1::2])
+
+
+def test_whisper_ratios_are_taken_within_a_round_then_the_median():
+    """Each round's engines ran side by side; across rounds the machine's speed moved. The headline is the
+    median of the ratios within the rounds, not the ratio of the engines' medians."""
+    from mmgpt.bench.report import headline
+
+    results = {"settings": _results(_round({"fp32": 1.0}))["settings"], "kv_bytes_per_token": 0, "rounds": []}
+    rounds = [{"ort_fp32": [0.04, 0.06, 0.05], "transformers_fp32": [0.10, 0.08, 0.12], "ort_int8": [0.01, 0.01, 0.01]},
+              {"ort_int8": [0.02, 0.03, 0.035], "ctranslate2_int8": [0.04, 0.06, 0.05]}]
+    medians = {f"{k}_rtf": float(np.median(v)) for group in rounds for k, v in group.items()}
+    results["whisper"] = {"tokens": 64, "rtf_rounds": rounds, **medians}
+    s = headline(results)
+    assert s["whisper_rtf_ratio"] == pytest.approx(0.417)  # 0.4, 0.75, 0.417; the medians' ratio is 0.5
+    # ours at int8 as timed beside CTranslate2 (its group), not beside transformers
+    assert s["whisper_rtf_vs_ctranslate2_int8"] == pytest.approx(0.5)  # 0.5, 0.5, 0.7; the medians' ratio is 0.6
+
+
 def test_decode_timers_probe_the_bandwidth_beside_each_step(tiny_export):
     from mmgpt.bench.llm import BandwidthProbe, ort_decode
     from mmgpt.runtime import llm_model
