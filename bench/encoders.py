@@ -120,9 +120,10 @@ def whisper(work: Path, threads: int, repeats: int) -> dict:
     # Timed in turns, every engine once a round (the ratios are taken within a round), in two groups: ONNX Runtime
     # with transformers, then, once CTranslate2 is loaded, ours at int8 again with it. Once CTranslate2 had run in
     # the process, transformers' calls took ~1.2x as long (and ours ~1.1x), even 0.5 s after it.
-    rounds = [interleaved_seconds({"ort_fp32": lambda: run_ort(ort), "ort_int8": lambda: run_ort(ort8),
-                                   "transformers_fp32": run_hf}, repeats)]
-    sv, ct2_runs = ctranslate2.StorageView.from_array(feats), {"ort_int8": lambda: run_ort(ort8)}
+    ours = {"ort_fp32": lambda: run_ort(ort), "ort_int8": lambda: run_ort(ort8)}
+    rounds = [interleaved_seconds({**ours, "transformers_fp32": run_hf}, repeats)]
+    sv = ctranslate2.StorageView.from_array(feats)
+    ct2_runs = {"ort_int8": ours["ort_int8"]}
     for compute in ("float32", "int8"):
         ct2_dir = work / f"whisper-base-ct2-{compute}"
         if not (ct2_dir / "model.bin").is_file():
